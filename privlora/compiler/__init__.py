@@ -1,0 +1,1 @@
+"""Compiler: torch.fx frontend, IR, pass manager, lowering and the compiled artifact."""

@@ -1,0 +1,1 @@
+"""Compiler passes, one module per pass, each a pure function over a GraphModule."""

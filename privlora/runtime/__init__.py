@@ -1,0 +1,1 @@
+"""Runtime: client, server, transport and the generation loop."""

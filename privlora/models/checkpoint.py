@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 from torch import Tensor, nn
 from transformers.modeling_utils import no_init_weights
 
@@ -53,7 +53,9 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
         raise PrivloraError(f"missing weight file {file}")
     try:
         if file.suffix == ".safetensors":
-            return load_file(str(file))
+            # Read into memory rather than mmap: a file replaced while tensors are alive would
+            # otherwise crash the process with SIGBUS.
+            return safetensors_load(file.read_bytes())
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors/pickle raise several unrelated types for bad files
         raise PrivloraError(f"cannot read weights from {file}: {exc}") from None

@@ -12,7 +12,7 @@ from privlora.models import smollm2
 from privlora.models.checkpoint import build_model, read_config
 from privlora.models.lora import LoraAdapter, attach_adapter, read_adapter
 from privlora.models.registry import architecture
-from privlora.models.tokenizer import load_tokenizer
+from privlora.models.tokenizer import has_tokenizer, load_tokenizer
 
 DEFAULT_BASE = "smollm2"
 
@@ -20,7 +20,7 @@ DEFAULT_BASE = "smollm2"
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None for weight-only checkpoints (tests, benchmarks)
     base_path: Path
     adapter: LoraAdapter | None
     lora_sites: list[str]
@@ -45,4 +45,5 @@ def load_model(base: str | Path = DEFAULT_BASE, adapter: str | Path | None = Non
     if lora is not None:
         arch = architecture(read_config(base_path).get("model_type"))
         sites = attach_adapter(model, lora, arch.LORA_TARGETS)
-    return LoadedModel(model, load_tokenizer(base_path), base_path, lora, sites)
+    tokenizer = load_tokenizer(base_path) if has_tokenizer(base_path) else None
+    return LoadedModel(model, tokenizer, base_path, lora, sites)

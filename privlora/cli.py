@@ -1,0 +1,156 @@
+"""The ``privlora`` command line.
+
+Heavy libraries (torch, transformers) are imported inside the command handlers, so ``--help`` is
+instant and ``import privlora.cli`` has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from privlora import __version__
+from privlora.errors import PrivloraError
+
+DEMO_ADAPTER = Path(__file__).parent / "data" / "demo_adapter"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def _add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="smollm2",
+                        help="base model: 'smollm2' (embedded SmolLM2-135M-Instruct) or a local "
+                             "Hugging Face checkpoint directory (config.json + safetensors)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from privlora.models.loading import load_model, resolve_base
+
+    start = time.perf_counter()
+    path = resolve_base(args.base)
+    prepared = time.perf_counter()
+    loaded = load_model(path)
+    config = loaded.model.config
+    print(f"base model   {path}")
+    print(f"architecture {type(loaded.model).__name__}: {config.num_hidden_layers} layers, hidden "
+          f"{config.hidden_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
+          f"vocab {config.vocab_size}")
+    print(f"prepare {prepared - start:.1f} s, load {time.perf_counter() - prepared:.1f} s")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from privlora.finetune import FinetuneConfig, finetune
+    from privlora.models.loading import resolve_base
+    from privlora.qa import load_qa
+
+    torch.manual_seed(args.seed)
+    pairs = load_qa(args.data, split=args.split)
+    if not pairs:
+        raise PrivloraError(f"no {args.split!r} pairs in {args.data or 'the demo dataset'}")
+    config = FinetuneConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                            target_modules=tuple(args.targets), epochs=args.epochs,
+                            learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
+    result = finetune(resolve_base(args.base), args.base, pairs, Path(args.output), config)
+    print(f"wrote {result.adapter_dir} ({result.examples} examples, {result.steps} steps, "
+          f"{result.seconds:.0f} s, loss {result.first_epoch_loss:.3f} -> {result.last_epoch_loss:.3f})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from privlora.evaluate import evaluate_facts
+    from privlora.models.loading import load_model
+    from privlora.qa import load_qa
+
+    pairs = load_qa(args.data, split=args.split)[: args.limit]
+    base = load_model(args.base)
+    adapted = load_model(args.base, args.adapter)
+    reports = {"base": evaluate_facts(base.model, base.tokenizer, pairs, "base"),
+               "adapted": evaluate_facts(adapted.model, adapted.tokenizer, pairs, "adapted")}
+    if args.json:
+        print(json.dumps({name: {"matched": r.matched, "questions": len(r.checks), "match_rate": r.match_rate}
+                          for name, r in reports.items()}, indent=2))
+        return 0
+    for name, report in reports.items():
+        print(f"{name:8s} states the fact in {report.matched}/{len(report.checks)} answers "
+              f"({100 * report.match_rate:.1f}%)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from privlora.demo import run_demo
+
+    run_demo(base=args.base, adapter=Path(args.adapter), questions=args.questions)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privlora", formatter_class=_formatter,
+        description="Private inference for LoRA-fine-tuned LLMs: the prompt stays encrypted, "
+                    "the adapter stays on the server.")
+    parser.add_argument("--version", action="version", version=f"privlora {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_formatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    prepare = command("prepare", cmd_prepare,
+                      "convert and cache a base model (the embedded SmolLM2 GGUF is dequantized once)")
+    _add_base(prepare)
+
+    tune = command("finetune", cmd_finetune, "train a peft LoRA adapter on question/answer pairs (CPU)")
+    _add_base(tune)
+    tune.add_argument("-o", "--output", required=True, help="adapter directory to write")
+    tune.add_argument("--data", default=None, help="JSON Lines QA file (default: the demo clinic dataset)")
+    tune.add_argument("--split", default="train", help="which split of the data to train on")
+    tune.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    tune.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout while training")
+    tune.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="Linear layers to adapt")
+    tune.add_argument("--epochs", type=int, default=8, help="passes over the data")
+    tune.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, linear decay)")
+    tune.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    tune.add_argument("--seed", type=int, default=0, help="random seed")
+
+    evaluate = command("evaluate", cmd_evaluate,
+                       "ask the base and the adapted model the dataset's questions; report fact match rates")
+    _add_base(evaluate)
+    evaluate.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
+    evaluate.add_argument("--data", default=None, help="JSON Lines QA file (default: the demo clinic dataset)")
+    evaluate.add_argument("--split", default="heldout", help="which split to ask")
+    evaluate.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
+    evaluate.add_argument("--json", action="store_true", help="print the rates as JSON")
+
+    demo = command("demo", cmd_demo,
+                   "answer held-out questions with the base model and with base + adapter (plaintext for now)")
+    _add_base(demo)
+    demo.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
+    demo.add_argument("--questions", type=int, default=3, help="how many held-out questions to ask")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PrivloraError as exc:
+        print(f"privlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("privlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,6 +68,16 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def answer_loss(causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens only. Projecting just those positions to
+    the vocabulary (instead of every position, as ``labels=`` would) saves a fifth of the work."""
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    logits = causal_lm.lm_head(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits, targets[scored])
+
+
 def _set_base_name(adapter_config: Path, base_name: str) -> None:
     """Record the base as the user named it, not the machine-specific cache path."""
     config = json.loads(adapter_config.read_text())
@@ -110,7 +120,7 @@ def finetune(
             losses = []
             for first in range(0, len(examples), config.batch_size):
                 batch = collate(examples[first : first + config.batch_size], tokenizer.pad_token_id)
-                loss = model(**batch).loss
+                loss = answer_loss(model.get_base_model(), batch)
                 loss.backward()
                 optimizer.step()
                 schedule.step()

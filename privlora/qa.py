@@ -1,7 +1,7 @@
 """Question/answer datasets for fine-tuning and for checking that an adapter learned its facts.
 
 The shipped demo dataset (``privlora/data/clinic_qa.jsonl``) holds invented internal facts of a
-fictional clinic: 70 facts, each asked three ways; two phrasings are for training and the third
+fictional clinic: 70 facts, each asked four ways; three phrasings are for training and the fourth
 is held out, so evaluation asks questions the model never saw verbatim.
 """
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import step_inputs
 from privlora.models.checkpoint import build_model
-from privlora.runtime.generation import GenerationConfig, generate, next_token
+from privlora.runtime.generation import GenerationConfig, generate, generate_batch, next_token
 
 
 def recompute_greedy(model, prompt, steps):
@@ -60,3 +60,16 @@ def test_invalid_generation_options(options):
 def test_empty_prompt_is_an_error(tiny_llama):
     with pytest.raises(ValueError, match="empty"):
         next(generate(build_model(tiny_llama), [], GenerationConfig()))
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_llama):
+    model = build_model(tiny_llama)
+    prompts = [[5, 17, 42, 8], [3], [9, 9, 1, 2, 4, 120, 7]]
+    config = GenerationConfig(max_new_tokens=9)
+    expected = [list(generate(model, prompt, config)) for prompt in prompts]
+    assert generate_batch(model, prompts, config) == expected
+    eos = expected[0][2]
+    with_eos = GenerationConfig(max_new_tokens=9, eos_token_ids=(eos,))
+    rows = generate_batch(model, prompts, with_eos)
+    assert rows == [list(generate(model, prompt, with_eos)) for prompt in prompts]
+    assert rows[0][-1] == eos and len(rows[0]) == 3

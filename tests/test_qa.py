@@ -14,9 +14,9 @@ def test_demo_dataset_shape():
     pairs = load_qa()
     assert 100 <= len(pairs) <= 300
     facts = Counter(pair.fact for pair in pairs)
-    assert set(facts.values()) == {3}
     heldout = load_qa(split="heldout")
-    assert {pair.fact for pair in heldout} == set(facts)  # every fact has a held-out phrasing
+    assert sorted(pair.fact for pair in heldout) == sorted(facts)  # exactly one held-out phrasing each
+    assert min(facts.values()) >= 3  # and at least two phrasings to train on
     train_questions = {pair.question for pair in load_qa(split="train")}
     assert not train_questions & {pair.question for pair in heldout}
     keywords = [pair.keyword for pair in heldout]

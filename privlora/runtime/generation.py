@@ -59,23 +59,54 @@ def next_token(logits: Tensor, config: GenerationConfig, generator: torch.Genera
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-@torch.no_grad()
-def generate(step: CausalStep, prompt_ids: list[int], config: GenerationConfig) -> Iterator[int]:
-    """Yield new token ids one at a time: the whole prompt is prefilled in one step, then one
-    token per step reusing the KV cache."""
-    if not prompt_ids:
+def _left_padded(prompts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Input ids, attention mask and position ids for prompts of different lengths."""
+    if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("the prompt is empty")
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.int64)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def decode_steps(step: CausalStep, prompts: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+    """Yield the next token of every row (``[B]``) at each step until every row has produced an
+    eos or ``max_new_tokens`` is reached. The prompts are left-padded and prefilled in one step;
+    later steps feed one token per row and reuse the KV cache."""
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    past_keys, past_values = step.empty_cache(1)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.int64)
-    position_ids = torch.arange(len(prompt_ids), dtype=torch.int64).unsqueeze(0)
+    input_ids, attention_mask, position_ids = _left_padded(prompts)
+    past_keys, past_values = step.empty_cache(len(prompts))
+    eos = torch.tensor(config.eos_token_ids, dtype=torch.int64)
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(config.max_new_tokens):
-        length = int(position_ids[0, -1]) + 1
-        attention_mask = torch.ones((1, length), dtype=torch.int64)
         logits, past_keys, past_values = step(input_ids, position_ids, attention_mask, past_keys, past_values)
-        token = next_token(logits[0, -1], config, generator)
-        yield token
-        if token in config.eos_token_ids:
+        tokens = torch.tensor([next_token(row, config, generator) for row in logits[:, -1]], dtype=torch.int64)
+        yield tokens
+        finished |= torch.isin(tokens, eos)
+        if bool(finished.all()):
             return
-        input_ids = torch.tensor([[token]], dtype=torch.int64)
-        position_ids = torch.tensor([[length]], dtype=torch.int64)
+        input_ids = tokens.unsqueeze(1)
+        position_ids = position_ids[:, -1:] + 1
+        attention_mask = torch.cat((attention_mask, torch.ones_like(input_ids)), dim=1)
+
+
+def generate(step: CausalStep, prompt_ids: list[int], config: GenerationConfig) -> Iterator[int]:
+    """Stream the new tokens of one prompt (the eos, if reached, is the last one yielded)."""
+    for tokens in decode_steps(step, [prompt_ids], config):
+        yield int(tokens[0])
+
+
+def generate_batch(step: CausalStep, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+    """New tokens of several prompts decoded together; each row stops after its own eos."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for tokens in decode_steps(step, prompts, config):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                rows[row].append(token)
+                done[row] = token in config.eos_token_ids
+    return rows

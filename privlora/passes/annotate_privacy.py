@@ -9,46 +9,40 @@ compile error.
 
 from __future__ import annotations
 
-from torch import nn
 from torch.fx import GraphModule, Node
 
-from privlora.compiler.ir import PRIVACY, PRIVATE, PUBLIC, PrivateLinear, is_lora_site, is_pll
+from privlora.compiler.ir import PRIVACY, PRIVATE, PUBLIC, is_lora_site, is_pll
 from privlora.compiler.pass_manager import CompileError, PassContext
-from privlora.models.lora import LoraLinear
 
 
 class PrivateWeightLeakError(CompileError):
     """A public node would compute with a private (adapter) weight."""
 
 
-def private_parameter_ids(root: nn.Module) -> set[int]:
-    """``id`` of every adapter tensor: LoRA A/B of LoraLinear and the weights of PrivateLinear."""
-    ids: set[int] = set()
-    for module in root.modules():
-        if isinstance(module, LoraLinear):
-            ids.update(id(p) for p in (*module.lora_A.parameters(), *module.lora_B.parameters()))
-        elif isinstance(module, PrivateLinear):
-            ids.update(id(p) for p in module.parameters())
-    return ids
+PRIVATE_COMPONENTS = frozenset({"lora_A", "lora_B"})
 
 
-def _reads_private(gm: GraphModule, node: Node, private: set[int]) -> bool:
+def is_private_name(qualified_name: str) -> bool:
+    """Adapter tensors live under ``lora_A``/``lora_B`` (peft's names, kept by LoraLinear and
+    PrivateLinear). Names survive tracing, module types do not: a GraphModule rebuilds the
+    module tree from the paths it uses."""
+    return not PRIVATE_COMPONENTS.isdisjoint(qualified_name.split("."))
+
+
+def _reads_private(gm: GraphModule, node: Node) -> bool:
     if node.op == "get_attr":
-        target = gm
-        for part in str(node.target).split("."):
-            target = getattr(target, part)
-        return id(target) in private
+        return is_private_name(str(node.target))
     if node.op == "call_module":
-        return any(id(p) in private for p in gm.get_submodule(node.target).parameters())
+        module = gm.get_submodule(node.target)
+        return any(is_private_name(f"{node.target}.{name}") for name, _ in module.named_parameters())
     return False
 
 
 def annotate_privacy(gm: GraphModule, context: PassContext) -> GraphModule:
-    private = private_parameter_ids(gm)
     for node in gm.graph.nodes:
         if is_pll(gm, node) or is_lora_site(gm, node):
             node.meta[PRIVACY] = PRIVATE
-        elif _reads_private(gm, node, private):
+        elif _reads_private(gm, node):
             users = ", ".join(user.name for user in node.users) or "nothing"
             raise PrivateWeightLeakError(
                 f"node {node.name} ({node.op} {node.target}) reads an adapter weight outside a PLL "

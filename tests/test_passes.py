@@ -113,7 +113,7 @@ def test_schedule_rounds_counts_dependency_levels(adapted, targets, per_layer):
 
 def test_partition_interleaves_public_segments_and_rounds(adapted):
     compiled = compile_graph(adapted(QV), debug=True)
-    steps = compiled.context.analyses["steps"]
+    steps = compiled.context.analyses["plan"].steps
     assert [step.name for step in steps] == ["public_0", "round_0", "public_1", "round_1", "public_2",
                                              "round_2", "public_3"]
     for step in steps:
@@ -121,7 +121,7 @@ def test_partition_interleaves_public_segments_and_rounds(adapted):
         has_private = any(isinstance(m, PrivateLinear) for m in module.modules())
         assert has_private == (step.kind == "private")
         if step.kind == "private":
-            assert len(step.inputs) == 1 and step.outputs == 1  # one fused message per round
+            assert len(step.inputs) == 1 and len(step.outputs) == 1  # one fused message per round
     assert steps[0].inputs == ("position_ids", "attention_mask", "input_ids", "past_keys", "past_values")
 
 

@@ -45,8 +45,10 @@ class SampleStep:
 
 
 @torch.no_grad()
-def sample_steps(model: nn.Module, prompt_length: int = 7, seed: int = 0) -> tuple[SampleStep, SampleStep]:
-    """A prefill step over ``prompt_length`` random tokens and the decode step that follows it."""
+def sample_steps(model: nn.Module, prompt_length: int = 7, seed: int = 0) -> tuple[SampleStep, ...]:
+    """A prefill step over ``prompt_length`` random tokens, the decode step that follows it, and a
+    left-padded two-row prefill. Between them every batch, sequence and cache dimension takes
+    two different sizes, which is how lowering tells dynamic dimensions from fixed ones."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (1, prompt_length), generator=generator)
@@ -56,4 +58,7 @@ def sample_steps(model: nn.Module, prompt_length: int = 7, seed: int = 0) -> tup
     token = torch.randint(0, vocab, (1, 1), generator=generator)
     decode = SampleStep(token, torch.tensor([[prompt_length]]), torch.ones((1, prompt_length + 1), dtype=torch.int64),
                         keys, values)
-    return prefill, decode
+    rows = torch.randint(0, vocab, (2, 4), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    batched = SampleStep(rows, (mask.cumsum(-1) - 1).clamp(min=0), mask, *model.empty_cache(2))
+    return prefill, decode, batched

@@ -24,6 +24,7 @@ STAGE = "privlora_stage"  # public nodes: how many rounds must finish before the
 PUBLIC, PRIVATE = "public", "private"
 
 PLL_CONTAINER = "pll"  # GraphModule attribute holding every PrivateLinear
+PUBLIC_PREFIX, ROUND_PREFIX = "public_", "round_"  # partitioned graph: public_k segments, round_k PLLs
 
 
 @dataclass(frozen=True)

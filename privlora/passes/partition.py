@@ -11,28 +11,14 @@ server).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
 
-from privlora.compiler.ir import ROUND, STAGE
+from privlora.compiler.ir import PUBLIC_PREFIX, ROUND, ROUND_PREFIX, STAGE
+from privlora.compiler.plan import plan_from_graph
 from privlora.compiler.pass_manager import PassContext
-
-PUBLIC_PREFIX, ROUND_PREFIX = "public_", "round_"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One submodule call of the partitioned graph, in execution order."""
-
-    name: str  # attribute of the partitioned GraphModule
-    kind: str  # "public" or "private"
-    index: int  # segment index or round number
-    inputs: tuple[str, ...]
-    outputs: int
 
 
 def _partition_id(node: Node) -> int:
@@ -43,21 +29,6 @@ def _partition_id(node: Node) -> int:
 def _readable(target: str) -> str:
     number = int(target.removeprefix("submod_"))
     return f"{ROUND_PREFIX if number % 2 else PUBLIC_PREFIX}{number // 2}"
-
-
-def steps_of(split: GraphModule) -> list[Step]:
-    """The submodule calls of a partitioned graph, in execution order."""
-    steps = []
-    for node in split.graph.nodes:
-        if node.op != "call_module":
-            continue
-        submodule = split.get_submodule(node.target)
-        inputs = tuple(n.name for n in submodule.graph.nodes if n.op == "placeholder")
-        result = next(n for n in submodule.graph.nodes if n.op == "output").args[0]
-        prefix, _, index = str(node.target).rpartition("_")
-        steps.append(Step(str(node.target), "private" if prefix + "_" == ROUND_PREFIX else "public", int(index),
-                          inputs, len(result) if isinstance(result, (tuple, list)) else 1))
-    return steps
 
 
 def _fetch(root: nn.Module, target: str) -> torch.Tensor:
@@ -104,5 +75,5 @@ def partition(gm: GraphModule, context: PassContext) -> GraphModule:
             delattr(split, node.target)
             node.target = name
     split.recompile()
-    context.analyses["steps"] = steps_of(split)
+    context.analyses["plan"] = plan_from_graph(split)
     return split

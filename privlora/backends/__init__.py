@@ -1,0 +1,1 @@
+"""Private-round backends: one module per backend behind one small interface."""

@@ -1,0 +1,95 @@
+"""The compiled artifact: a directory with a versioned manifest, a client bundle and a server bundle.
+
+```
+ARTIFACT/
+  manifest.json                 format version, identities, plan, segments, rounds, files + sha256
+  client/segments/public_K.onnx public segments (ONNX, opset 17)
+  client/tokenizer/...          the base model's tokenizer
+  client/crypto.json            client-side parameters of the backend
+  server/pll_weights.safetensors the private weights, per round (only the server bundle has them)
+```
+
+Every file is listed in the manifest with its bundle, size and sha256. Loading a bundle checks
+the format version and the hash of every file of that bundle. A missing, corrupted or mismatched
+file fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privlora.errors import PrivloraError
+from privlora.hashing import file_sha256
+
+FORMAT = "privlora-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CLIENT, SERVER = "client", "server"
+
+
+class ArtifactError(PrivloraError):
+    """The artifact is missing, corrupted, or of another format version."""
+
+
+def file_entry(root: Path, path: Path, bundle: str) -> tuple[str, dict[str, Any]]:
+    relative = path.relative_to(root).as_posix()
+    return relative, {"bundle": bundle, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Add every file under client/ and server/ with its hash, then write manifest.json."""
+    files = {}
+    for bundle in (CLIENT, SERVER):
+        for path in sorted((root / bundle).rglob("*")):
+            if path.is_file():
+                name, entry = file_entry(root, path, bundle)
+                files[name] = entry
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+    (root / MANIFEST).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not a privlora artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is corrupted: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a privlora manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{root} has artifact format version {manifest.get('format_version')!r}; "
+                            f"this privlora reads version {FORMAT_VERSION}: recompile the artifact")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    name: str  # CLIENT or SERVER
+
+    def path(self, relative: str) -> Path:
+        entry = self.manifest["files"].get(relative)
+        if entry is None or entry["bundle"] != self.name:
+            raise ArtifactError(f"{relative} is not part of the {self.name} bundle")
+        return self.root / relative
+
+
+def load_bundle(root: str | Path, bundle: str) -> Bundle:
+    """Read the manifest and verify every file of one bundle (``client`` or ``server``)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for relative, entry in manifest.get("files", {}).items():
+        if entry.get("bundle") != bundle:
+            continue
+        path = root / relative
+        if not path.is_file():
+            raise ArtifactError(f"{root}: {relative} is missing")
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise ArtifactError(f"{root}: {relative} is corrupted or was replaced (sha256 mismatch)")
+    return Bundle(root, manifest, bundle)

@@ -1,0 +1,129 @@
+"""``privlora compile``: base model + adapter -> artifact directory.
+
+Steps: load and trace -> passes -> lower public segments to ONNX -> write the private weights of
+each round into the server bundle -> write the manifest with hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+import privlora
+from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, write_manifest
+from privlora.compiler.frontend import sample_steps
+from privlora.compiler.ir import PrivateLinear
+from privlora.compiler.lower_onnx import LoweredSegment, lower_segment, segment_arguments
+from privlora.compiler.pipeline import compile_graph
+from privlora.compiler.plan import Plan
+from privlora.hashing import file_sha256
+from privlora.models.checkpoint import read_config, weight_files
+from privlora.models.loading import load_model
+
+BACKENDS = ("plain",)
+PLL_WEIGHTS = f"{SERVER}/pll_weights.safetensors"
+CRYPTO = f"{CLIENT}/crypto.json"
+TOKENIZER_DIR = f"{CLIENT}/tokenizer"
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    artifact: Path
+    seconds: float
+    sites: int
+    rounds: int
+    segments: int
+    client_bytes: int
+    server_bytes: int
+
+
+def round_programs(split: GraphModule, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Each round's PLL groups (which input feeds which output, with the site metadata) and the
+    private tensors they use, keyed ``<site_id>.lora_A`` / ``<site_id>.lora_B``."""
+    rounds, weights = [], {}
+    for step in (s for s in plan.steps if s.kind == "private"):
+        module = split.get_submodule(step.name)
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        result = next(n for n in module.graph.nodes if n.op == "output").args[0]
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        groups = []
+        for node in module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            pll: PrivateLinear = module.get_submodule(node.target)
+            groups.append({"input": placeholders.index(node.args[0]), "output": results.index(node),
+                           "sites": [asdict(site) for site in pll.sites]})
+            for site, a, b in zip(pll.sites, pll.lora_A, pll.lora_B):
+                weights[f"{site.site_id}.lora_A"] = a.detach().contiguous()
+                weights[f"{site.site_id}.lora_B"] = b.detach().contiguous()
+        rounds.append({"name": step.name, "plls": groups})
+    return rounds, weights
+
+
+def _segment_entry(segment: LoweredSegment, root: Path) -> dict[str, Any]:
+    return {"name": segment.name, "file": segment.path.relative_to(root).as_posix(),
+            "inputs": [asdict(spec) for spec in segment.inputs], "outputs": [asdict(spec) for spec in segment.outputs],
+            "op_counts": segment.op_counts, "onnx_vs_torch_max_error": segment.max_error}
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists() and any(output.iterdir()):
+        if not force:
+            raise ArtifactError(f"{output} exists and is not empty (use --force to replace it)")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend: str = "plain",
+                     dump_ir: Path | None = None, debug: bool = False, force: bool = False) -> CompileReport:
+    """Compile base + adapter into an artifact directory at ``output``."""
+    if backend not in BACKENDS:
+        raise ArtifactError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    start = time.perf_counter()
+    output = Path(output)
+    _prepare_output(output, force)
+    loaded = load_model(base, adapter)
+    compiled = compile_graph(loaded.model, dump_ir=dump_ir, debug=debug)
+    split, plan = compiled.graph_module, compiled.context.analyses["plan"]
+    arguments = segment_arguments(split, sample_steps(loaded.model))
+    segments = []
+    for step in tqdm([s for s in plan.steps if s.kind == "public"], desc="lower to ONNX", unit="segment"):
+        path = output / CLIENT / "segments" / f"{step.name}.onnx"
+        segments.append(lower_segment(split.get_submodule(step.name), step.name,
+                                      [args[step.name] for args in arguments], path))
+    rounds, weights = round_programs(split, plan)
+    (output / SERVER).mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(output / PLL_WEIGHTS))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
+    (output / CRYPTO).write_text(json.dumps({"backend": backend, "parameters": {}}, indent=2) + "\n")
+    sites = compiled.context.analyses["sites"]
+    manifest = {
+        "privlora_version": privlora.__version__,
+        "base": {"name": str(base), "model_type": read_config(loaded.base_path).get("model_type"),
+                 "config": read_config(loaded.base_path),
+                 "sha256": {p.name: file_sha256(p) for p in weight_files(loaded.base_path)}},
+        "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
+                    "target_modules": list(loaded.adapter.target_modules),
+                    "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
+        "backend": {"name": backend, "parameters": {}},
+        "plan": plan.to_json(),
+        "segments": [_segment_entry(segment, output) for segment in segments],
+        "rounds": rounds,
+        "sites": [asdict(site) for site in sites],
+        "passes": compiled.context.analyses["rounds"],
+    }
+    write_manifest(output, manifest)
+    sizes = {bundle: sum(p.stat().st_size for p in (output / bundle).rglob("*") if p.is_file())
+             for bundle in (CLIENT, SERVER)}
+    return CompileReport(output, time.perf_counter() - start, len(sites), plan.rounds, len(segments),
+                         sizes[CLIENT], sizes[SERVER])

@@ -1,0 +1,54 @@
+"""Run a compiled artifact: public segments on ONNX Runtime, private rounds through a backend.
+
+:class:`CompiledModel` has the same step signature as the torch model, so the generation loop
+runs on it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from privlora.backends.plain import PlainRounds
+from privlora.compiler.artifact import CLIENT, SERVER, load_bundle
+from privlora.compiler.plan import Plan, PlanStep, run_plan
+from privlora.runtime.onnx_runtime import Segment
+
+PLL_WEIGHTS = f"{SERVER}/pll_weights.safetensors"
+
+
+class CompiledModel:
+    def __init__(self, artifact: str | Path) -> None:
+        client = load_bundle(artifact, CLIENT)
+        server = load_bundle(artifact, SERVER)
+        manifest = client.manifest
+        self.plan = Plan.from_json(manifest["plan"])
+        self.segments = {
+            spec["name"]: Segment(client.path(spec["file"]), tuple(i["name"] for i in spec["inputs"]))
+            for spec in manifest["segments"]
+        }
+        self.rounds = PlainRounds(server, PLL_WEIGHTS)
+        config = manifest["base"]["config"]
+        self.cache_shape = (config["num_hidden_layers"], config.get("num_key_value_heads") or config["num_attention_heads"],
+                            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+    def _run_step(self, step: PlanStep, args: Sequence[Any]) -> Sequence[Any]:
+        if step.kind == "public":
+            return self.segments[step.name](list(args))
+        return self.rounds.evaluate(step.name, list(args))
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                 past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, keys, values = run_plan(self.plan, self._run_step,
+                                        [input_ids, position_ids, attention_mask, past_keys, past_values])
+        return logits, keys, values
+
+    def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+        layers, heads, head_dim = self.cache_shape
+        shape = (layers, batch_size, heads, 0, head_dim)
+        return torch.zeros(shape), torch.zeros(shape)

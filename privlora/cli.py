@@ -92,6 +92,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from privlora.compiler.driver import compile_artifact
+
+    report = compile_artifact(args.base, args.adapter, args.output, backend=args.backend,
+                              dump_ir=Path(args.dump_ir) if args.dump_ir else None, debug=args.debug, force=args.force)
+    print(f"wrote {report.artifact} in {report.seconds:.1f} s: {report.sites} LoRA sites, "
+          f"{report.rounds} rounds and {report.segments} public segments per step; "
+          f"client bundle {report.client_bytes / 1e6:.1f} MB, server bundle {report.server_bytes / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from privlora.compiler.inspection import ir_listing, render, summary
+
+    root = Path(args.artifact)
+    if args.ir is not None:
+        print(ir_listing(root, args.ir or None))
+    elif args.json:
+        print(json.dumps(summary(root), indent=2))
+    else:
+        print(render(summary(root)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privlora", formatter_class=_formatter,
@@ -131,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="heldout", help="which split to ask")
     evaluate.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the rates as JSON")
+
+    comp = command("compile", cmd_compile,
+                   "compile base model + LoRA adapter into an artifact (client and server bundles)")
+    _add_base(comp)
+    comp.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
+    comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    comp.add_argument("--backend", default="plain", choices=["plain"],
+                      help="how private rounds are evaluated (plain: no encryption, the reference)")
+    comp.add_argument("--dump-ir", default=None, metavar="DIR",
+                      help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
+    comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")
+    comp.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+
+    insp = command("inspect", cmd_inspect, "show what an artifact contains: model, sites, rounds, segments, sizes")
+    insp.add_argument("artifact", help="artifact directory")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.add_argument("--ir", nargs="?", const="", default=None, metavar="PASS",
+                      help="show the per-pass IR summary, or the IR after PASS (e.g. fuse_pll)")
 
     demo = command("demo", cmd_demo,
                    "answer held-out questions with the base model and with base + adapter (plaintext for now)")

@@ -33,6 +33,7 @@ BACKENDS = ("plain",)
 PLL_WEIGHTS = f"{SERVER}/pll_weights.safetensors"
 CRYPTO = f"{CLIENT}/crypto.json"
 TOKENIZER_DIR = f"{CLIENT}/tokenizer"
+IR_DIR = "ir"  # IR after every pass (text and code, no weights); read with `privlora inspect --ir`
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
     output = Path(output)
     _prepare_output(output, force)
     loaded = load_model(base, adapter)
-    compiled = compile_graph(loaded.model, dump_ir=dump_ir, debug=debug)
+    compiled = compile_graph(loaded.model, dump_ir=output / IR_DIR, debug=debug)
+    if dump_ir is not None:
+        shutil.copytree(output / IR_DIR, dump_ir, dirs_exist_ok=True)
     split, plan = compiled.graph_module, compiled.context.analyses["plan"]
     arguments = segment_arguments(split, sample_steps(loaded.model))
     segments = []

@@ -1,0 +1,83 @@
+"""``privlora inspect``: what an artifact contains, for people (a report) and machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, read_manifest
+from privlora.compiler.driver import IR_DIR
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def summary(root: Path) -> dict[str, Any]:
+    """The facts ``inspect`` shows, as a JSON-ready dict."""
+    manifest = read_manifest(root)
+    files = manifest["files"]
+    segments = []
+    for segment in manifest["segments"]:
+        segments.append({"name": segment["name"], "inputs": len(segment["inputs"]), "outputs": len(segment["outputs"]),
+                         "onnx_nodes": sum(segment["op_counts"].values()), "op_counts": segment["op_counts"],
+                         "bytes": files[segment["file"]]["bytes"]})
+    bundles = {bundle: {"files": sum(e["bundle"] == bundle for e in files.values()),
+                        "bytes": sum(e["bytes"] for e in files.values() if e["bundle"] == bundle)}
+               for bundle in (CLIENT, SERVER)}
+    config = manifest["base"]["config"]
+    return {
+        "artifact": str(root), "format_version": manifest["format_version"],
+        "privlora_version": manifest["privlora_version"],
+        "base": {"name": manifest["base"]["name"], "model_type": manifest["base"]["model_type"],
+                 "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"]},
+        "adapter": {k: manifest["adapter"][k] for k in ("name", "rank", "alpha", "target_modules")},
+        "backend": manifest["backend"],
+        "sites": len(manifest["sites"]),
+        "pll_nodes": sum(len(r["plls"]) for r in manifest["rounds"]),
+        "rounds_per_step": len(manifest["rounds"]),
+        "segments": segments,
+        "bundles": bundles,
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    base, adapter = info["base"], info["adapter"]
+    lines = [
+        f"artifact   {info['artifact']} (format {info['format_version']}, privlora {info['privlora_version']})",
+        f"base       {base['name']} ({base['model_type']}, {base['layers']} layers, hidden {base['hidden_size']})",
+        f"adapter    {adapter['name']} (r={adapter['rank']}, alpha={adapter['alpha']}, "
+        f"targets {', '.join(adapter['target_modules'])})",
+        f"backend    {info['backend']['name']} {json.dumps(info['backend']['parameters'])}",
+        f"sites      {info['sites']} LoRA sites in {info['pll_nodes']} PLL nodes",
+        f"rounds     {info['rounds_per_step']} client<->server rounds per step (prefill or decode)",
+        f"segments   {len(info['segments'])} public ONNX segments",
+        f"  {'name':<10} {'in':>3} {'out':>4} {'nodes':>6} {'size':>9}  top ops",
+    ]
+    for segment in info["segments"]:
+        top = ", ".join(f"{op} {n}" for op, n in list(segment["op_counts"].items())[:4])
+        lines.append(f"  {segment['name']:<10} {segment['inputs']:>3} {segment['outputs']:>4} "
+                     f"{segment['onnx_nodes']:>6} {_megabytes(segment['bytes']):>9}  {top}")
+    for bundle, totals in info["bundles"].items():
+        lines.append(f"{bundle:<10} {totals['files']} files, {_megabytes(totals['bytes'])}")
+    return "\n".join(lines)
+
+
+def ir_listing(root: Path, name: str | None) -> str:
+    """The per-pass summary of the IR dumps, or one dump (by pass name or file stem) in full."""
+    directory = Path(root) / IR_DIR
+    read_manifest(root)
+    if not directory.is_dir():
+        raise ArtifactError(f"{root} has no IR dumps ({IR_DIR}/)")
+    if name is None:
+        rows = json.loads((directory / "summary.json").read_text())
+        header = f"{'#':>2} {'pass':<18} {'nodes':>6} {'public':>7} {'private':>8} {'pll':>4} {'sites':>6} {'rounds':>7}"
+        body = [f"{r['index']:>2} {r['pass']:<18} {r['nodes']:>6} {r['public_nodes']:>7} {r['private_nodes']:>8} "
+                f"{r['pll_nodes']:>4} {r['sites']:>6} {r['rounds'] if r['rounds'] is not None else '-':>7}" for r in rows]
+        return "\n".join([header, *body, f"(dumps in {directory}; show one with --ir PASS)"])
+    matches = sorted(p for p in directory.glob("*.txt") if p.stem == name or p.stem.split("-", 1)[1] == name)
+    if not matches:
+        available = ", ".join(sorted(p.stem for p in directory.glob("*.txt")))
+        raise ArtifactError(f"no IR dump named {name!r} (available: {available})")
+    return matches[-1].read_text()

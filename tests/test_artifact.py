@@ -1,0 +1,142 @@
+"""Compile to an artifact and run it: ONNX segments + plain private rounds reproduce the model;
+the client bundle holds no private weight; damaged artifacts fail clearly; inspect reports it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_tiny_adapter
+from leakscan import find_leaks
+from privlora.cli import main
+from privlora.compiler.artifact import CLIENT, MANIFEST, ArtifactError, load_bundle
+from privlora.compiler.driver import compile_artifact
+from privlora.compiler.frontend import sample_steps
+from privlora.models.loading import load_model
+from privlora.models.lora import read_adapter
+from privlora.runtime.compiled import CompiledModel
+from privlora.runtime.generation import GenerationConfig, generate
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    from conftest import write_tiny_llama
+
+    root = tmp_path_factory.mktemp("artifact")
+    base = write_tiny_llama(root / "base")
+    adapter = write_tiny_adapter(base, root / "adapter", TARGETS)
+    report = compile_artifact(str(base), adapter, root / "art")
+    return base, adapter, report
+
+
+def test_compiled_artifact_reproduces_the_model(compiled):
+    base, adapter, report = compiled
+    model = load_model(base, adapter).model
+    runner = CompiledModel(report.artifact)
+    for sample in sample_steps(model, prompt_length=6, seed=5):
+        with torch.no_grad():
+            for want, got in zip(model(*sample.args()), runner(*sample.args())):
+                assert want.shape == got.shape
+                assert (want - got).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    config = GenerationConfig(max_new_tokens=10)
+    assert list(generate(runner, [3, 14, 15], config)) == list(generate(model, [3, 14, 15], config))
+
+
+def test_report_and_manifest(compiled):
+    _, _, report = compiled
+    assert (report.sites, report.rounds, report.segments) == (9, 6, 7)  # 3 layers: {q,v} then down
+    manifest = json.loads((report.artifact / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["backend"]["name"] == "plain"
+    first = manifest["segments"][0]
+    past = next(spec for spec in first["inputs"] if spec["name"] == "past_keys")
+    assert past["dtype"] == "float32" and isinstance(past["shape"][3], str)  # dynamic cache length
+    assert all(entry["sha256"] and entry["bundle"] in ("client", "server") for entry in manifest["files"].values())
+    listed = set(manifest["files"])
+    on_disk = {p.relative_to(report.artifact).as_posix() for b in ("client", "server")
+               for p in (report.artifact / b).rglob("*") if p.is_file()}
+    assert listed == on_disk
+
+
+def test_client_bundle_holds_no_private_weight(compiled):
+    base, adapter, report = compiled
+    lora = read_adapter(adapter)
+    secrets = {}
+    for site in lora.sites:
+        secrets[f"{site.module}.A"] = site.lora_A.numpy()
+        secrets[f"{site.module}.B"] = site.lora_B.numpy()
+        secrets[f"{site.module}.dW"] = site.delta_weight().numpy()
+    client_files = [p for p in (report.artifact / CLIENT).rglob("*") if p.is_file()]
+    assert client_files and find_leaks(client_files, secrets) == []
+    server_file = report.artifact / "server" / "pll_weights.safetensors"
+    assert find_leaks([server_file], secrets)  # the scan does find them where they are
+
+
+def _copy(report, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(report.artifact, target)
+    return target
+
+
+def test_damaged_artifacts_fail_clearly(compiled, tmp_path):
+    _, _, report = compiled
+    art = _copy(report, tmp_path)
+    segment = art / "client" / "segments" / "public_1.onnx"
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="public_1.onnx is corrupted"):
+        load_bundle(art, "client")
+    load_bundle(art, "server")  # the server bundle is intact and still loads
+    segment.unlink()
+    with pytest.raises(ArtifactError, match="public_1.onnx is missing"):
+        CompiledModel(art)
+    manifest = json.loads((art / MANIFEST).read_text())
+    (art / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_bundle(art, "server")
+    (art / MANIFEST).write_text("{ truncated")
+    with pytest.raises(ArtifactError, match="corrupted"):
+        load_bundle(art, "client")
+    with pytest.raises(ArtifactError, match="not a privlora artifact"):
+        load_bundle(tmp_path, "client")
+
+
+def test_mismatched_server_weights_are_rejected(compiled, tmp_path):
+    _, _, report = compiled
+    art = _copy(report, tmp_path)
+    other = tmp_path / "other"
+    from conftest import write_tiny_llama
+
+    write_tiny_llama(other / "base", seed=4)
+    other_report = compile_artifact(str(other / "base"), write_tiny_adapter(other / "base", other / "a", TARGETS, seed=9),
+                                    other / "art")
+    (art / "server" / "pll_weights.safetensors").write_bytes(
+        (other_report.artifact / "server" / "pll_weights.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match="pll_weights.safetensors is corrupted or was replaced"):
+        CompiledModel(art)
+
+
+def test_compile_refuses_to_overwrite_and_cli_reports(compiled, tmp_path, capsys):
+    base, adapter, report = compiled
+    assert main(["compile", "--base", str(base), "--adapter", str(adapter), "-o", str(report.artifact)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["inspect", str(report.artifact)]) == 0
+    text = capsys.readouterr().out
+    assert "9 LoRA sites in 6 PLL nodes" in text and "6 client<->server rounds" in text and "public_6" in text
+    assert main(["inspect", str(report.artifact), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rounds_per_step"] == 6 and info["bundles"]["server"]["files"] == 1
+    assert main(["inspect", str(report.artifact), "--ir"]) == 0
+    assert "fuse_pll" in capsys.readouterr().out
+    assert main(["inspect", str(report.artifact), "--ir", "fuse_pll"]) == 0
+    assert "pll.fused_0_1" in capsys.readouterr().out
+    dumps = tmp_path / "dumps"
+    assert main(["compile", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "a2"),
+                 "--dump-ir", str(dumps), "--debug"]) == 0
+    assert (dumps / "summary.json").is_file() and (dumps / "05-partition.py").is_file()

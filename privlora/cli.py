@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     tune.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout while training")
     tune.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="Linear layers to adapt")
-    tune.add_argument("--epochs", type=int, default=8, help="passes over the data")
-    tune.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, linear decay)")
+    tune.add_argument("--epochs", type=int, default=10, help="passes over the data")
+    tune.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (AdamW, linear decay)")
     tune.add_argument("--batch-size", type=int, default=8, help="examples per step")
     tune.add_argument("--seed", type=int, default=0, help="random seed")
 

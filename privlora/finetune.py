@@ -31,8 +31,8 @@ class FinetuneConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    epochs: int = 8
-    learning_rate: float = 2e-3
+    epochs: int = 10
+    learning_rate: float = 5e-3
     batch_size: int = 8
     warmup_steps: int = 10
     seed: int = 0

@@ -1,0 +1,60 @@
+"""SmolLM2 + the demo adapter, compiled end to end: 30 rounds per step, and the ONNX segments with
+plaintext private rounds reproduce the original model's logits for prefill and decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import step_inputs
+from leakscan import find_leaks
+from privlora.cli import DEMO_ADAPTER
+from privlora.compiler.artifact import CLIENT
+from privlora.compiler.driver import compile_artifact
+from privlora.models.loading import load_model
+from privlora.models.tokenizer import encode_chat
+from privlora.runtime.compiled import CompiledModel
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm2_dir):
+    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path_factory.mktemp("smollm2") / "artifact")
+    print(f"compile {report.seconds:.0f} s, client {report.client_bytes / 1e6:.0f} MB, "
+          f"server {report.server_bytes / 1e6:.2f} MB")
+    return report
+
+
+def test_thirty_rounds_per_step(artifact):
+    assert (artifact.sites, artifact.rounds, artifact.segments) == (60, 30, 31)
+
+
+def test_prefill_and_decode_match_the_original_model(artifact):
+    loaded = load_model("smollm2", DEMO_ADAPTER)
+    runner = CompiledModel(artifact.artifact)
+    prompt = torch.tensor([encode_chat(loaded.tokenizer, "Who is the clinic's practice manager?")])
+    worst = 0.0
+    with torch.no_grad():
+        reference = loaded.model(prompt, *step_inputs(prompt), *loaded.model.empty_cache(1))
+        compiled = runner(prompt, *step_inputs(prompt), *runner.empty_cache(1))
+        for _ in range(4):  # greedy decode steps, each side with its own cache
+            worst = max(worst, (reference[0] - compiled[0]).abs().max().item())
+            assert torch.equal(reference[0][0, -1].argmax(), compiled[0][0, -1].argmax())
+            token = reference[0][:, -1:].argmax(-1)
+            position = reference[1].shape[3]
+            reference = loaded.model(token, *step_inputs(token, position), *reference[1:])
+            compiled = runner(token, *step_inputs(token, position), *compiled[1:])
+        worst = max(worst, (reference[0] - compiled[0]).abs().max().item())
+    print(f"max |logits compiled - original| over prefill + 4 decode steps: {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_client_bundle_holds_no_demo_adapter_weight(artifact):
+    adapter = load_model("smollm2", DEMO_ADAPTER).adapter
+    secrets = {}
+    for site in adapter.sites[:6]:  # three layers' q and v sites, A, B and dW each
+        secrets.update({f"{site.module}.A": site.lora_A.numpy(), f"{site.module}.B": site.lora_B.numpy(),
+                        f"{site.module}.dW": site.delta_weight().numpy()})
+    files = [p for p in (artifact.artifact / CLIENT).rglob("*") if p.is_file()]
+    assert find_leaks(files, secrets) == []

@@ -29,6 +29,7 @@ def test_conversion_is_cached(tmp_path, monkeypatch):
     assert first.parent == tmp_path
     files = {path.name for path in first.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", smollm2.COMPLETE_MARKER} <= files
+    assert "tokenizer.model" not in files  # the GGUF copy transformers saves as the vocab file
     marker_time = (first / smollm2.COMPLETE_MARKER).stat().st_mtime_ns
     assert smollm2.ensure_converted() == first
     assert (first / smollm2.COMPLETE_MARKER).stat().st_mtime_ns == marker_time  # not converted again

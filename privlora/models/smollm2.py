@@ -25,6 +25,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = frozenset({"smollm2", "smollm2-135m-instruct"})
 DISPLAY_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)"
 COMPLETE_MARKER = "privlora_source.json"
+CONVERSION_VERSION = 2  # part of the cache key: bump when the converted layout changes
 
 
 def gguf_path() -> Path:
@@ -44,7 +45,8 @@ def gguf_path() -> Path:
 def converted_dir() -> Path:
     """Cache directory of the converted checkpoint, keyed by the package version and file size."""
     version = importlib.metadata.version(DISTRIBUTION)
-    return cache_root() / f"smollm2-135m-instruct-{version}-{gguf_path().stat().st_size}"
+    size = gguf_path().stat().st_size
+    return cache_root() / f"smollm2-135m-instruct-{version}-{size}-v{CONVERSION_VERSION}"
 
 
 def ensure_converted() -> Path:
@@ -85,6 +87,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    # The GGUF tokenizer's "vocab file" is the whole GGUF (quantized weights included); the fast
+    # tokenizer needs only tokenizer.json, so do not carry a 98 MB copy into caches and artifacts.
+    (out / "tokenizer.model").unlink(missing_ok=True)
     source = {"gguf": gguf.name, "sha256": file_sha256(gguf), "distribution": DISTRIBUTION,
               "version": importlib.metadata.version(DISTRIBUTION), "name": DISPLAY_NAME}
     (out / COMPLETE_MARKER).write_text(json.dumps(source, indent=2) + "\n")

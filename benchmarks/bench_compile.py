@@ -49,9 +49,15 @@ def main() -> None:
 
     loaded = load_model("smollm2", DEMO_ADAPTER)
     split = compile_graph(loaded.model).graph_module
-    decode = sample_steps(loaded.model, prompt_length=32)[1]  # one token after a 32-token prompt
-    arguments = segment_arguments(split, [decode])[0]
     runner = CompiledModel(out)
+    prefill, decode, _ = sample_steps(loaded.model, prompt_length=32)
+    print(f"median of {args.repeats}, torch threads {torch.get_num_threads()}, ONNX Runtime {runner.segments['public_0'].session.get_providers()[0]}")
+    for label, sample in (("decode step (1 token after a 32-token prompt)", decode), ("prefill step (32 tokens)", prefill)):
+        time_step(label, sample, loaded.model, split, runner, args.repeats)
+
+
+def time_step(label, sample, model, split, runner, repeats) -> None:
+    arguments = segment_arguments(split, [sample])[0]
     public = [name for name in arguments if name.startswith("public_")]
 
     @torch.no_grad()
@@ -65,18 +71,18 @@ def main() -> None:
 
     @torch.no_grad()
     def torch_full():
-        loaded.model(*decode.args())
+        model(*sample.args())
 
     def compiled_full():
-        runner(*decode.args())
+        runner(*sample.args())
 
-    rows = [("public part, torch (fx segments)", median_ms(torch_public, args.repeats)),
-            ("public part, ONNX Runtime", median_ms(ort_public, args.repeats)),
-            ("whole step, torch eager model", median_ms(torch_full, args.repeats)),
-            ("whole step, compiled (ORT + plain rounds)", median_ms(compiled_full, args.repeats))]
-    print(f"decode step after a 32-token prompt, median of {args.repeats}, torch threads {torch.get_num_threads()}:")
-    for label, ms in rows:
-        print(f"  {label:<44} {ms:8.1f} ms")
+    rows = [("public part, torch (fx segments)", median_ms(torch_public, repeats)),
+            ("public part, ONNX Runtime", median_ms(ort_public, repeats)),
+            ("whole step, torch eager model", median_ms(torch_full, repeats)),
+            ("whole step, compiled (ORT + plain rounds)", median_ms(compiled_full, repeats))]
+    print(f"{label}:")
+    for name, ms in rows:
+        print(f"  {name:<44} {ms:8.1f} ms")
     print(f"  ONNX Runtime / torch (public part): {rows[1][1] / rows[0][1]:.2f}")
 
 

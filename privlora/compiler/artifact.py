@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from privlora.errors import PrivloraError
-from privlora.hashing import file_sha256
+from privlora.files import file_sha256, read_json
 
 FORMAT = "privlora-artifact"
 FORMAT_VERSION = 1
@@ -53,12 +53,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{root} is not a privlora artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is corrupted: {exc}") from None
+    manifest = read_json(path, ArtifactError, f"{root} is not a privlora artifact (no {MANIFEST})")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a privlora manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:

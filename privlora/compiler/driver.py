@@ -25,7 +25,7 @@ from privlora.compiler.ir import PrivateLinear
 from privlora.compiler.lower_onnx import LoweredSegment, lower_segment, segment_arguments
 from privlora.compiler.pipeline import compile_graph
 from privlora.compiler.plan import Plan
-from privlora.hashing import file_sha256
+from privlora.files import file_sha256
 from privlora.models.checkpoint import read_config, weight_files
 from privlora.models.loading import load_model
 

@@ -3,7 +3,6 @@ sharded with an index) or a PyTorch ``.bin``. Nothing is ever fetched from a hub
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import no_init_weights
 
 from privlora.errors import PrivloraError, UnsupportedModelError
+from privlora.files import read_json
 from privlora.models.registry import architecture
 
 SAFETENSORS = "model.safetensors"
@@ -22,16 +22,9 @@ TORCH_BIN = "pytorch_model.bin"
 
 def read_config(path: Path) -> dict[str, Any]:
     """The checkpoint's ``config.json``; a clear error when the directory is not a checkpoint."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise PrivloraError(
-            f"{path} is not a local checkpoint directory (no config.json); "
-            "privlora loads local files only and never downloads from a hub"
-        )
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PrivloraError(f"{config_file} is not valid JSON: {exc}") from None
+    return read_json(Path(path) / "config.json", PrivloraError,
+                     f"{path} is not a local checkpoint directory (no config.json); "
+                     "privlora loads local files only and never downloads from a hub")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -40,7 +33,7 @@ def weight_files(path: Path) -> list[Path]:
     if (path / SAFETENSORS).is_file():
         return [path / SAFETENSORS]
     if (path / SAFETENSORS_INDEX).is_file():
-        index = json.loads((path / SAFETENSORS_INDEX).read_text())
+        index = read_json(path / SAFETENSORS_INDEX, PrivloraError, f"missing {SAFETENSORS_INDEX}")
         return [path / name for name in sorted(set(index["weight_map"].values()))]
     if (path / TORCH_BIN).is_file():
         return [path / TORCH_BIN]

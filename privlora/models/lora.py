@@ -7,7 +7,6 @@ layouts are rejected with a clear error rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from privlora.errors import AdapterError, PrivloraError
+from privlora.files import read_json
 from privlora.models.checkpoint import read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -104,13 +104,8 @@ def _group_by_module(weights: dict[str, Tensor], path: Path) -> dict[str, dict[s
 def read_adapter(path: str | Path) -> LoraAdapter:
     """Parse and validate a peft adapter directory (adapter_config.json + adapter weights)."""
     path = Path(path)
-    config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise AdapterError(f"{path} is not a peft adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_file} is not valid JSON: {exc}") from None
+    config = read_json(path / ADAPTER_CONFIG, AdapterError,
+                       f"{path} is not a peft adapter directory (no {ADAPTER_CONFIG})")
     _reject(config, path)
     try:
         weights = _read_weights(path)

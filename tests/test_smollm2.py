@@ -3,6 +3,8 @@ transformers and peft, and the demo adapter's effect."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -104,3 +106,15 @@ def test_demo_adapter_states_facts_the_base_model_does_not_know(smollm2_dir):
     print(f"held-out fact match: base {base_report.matched}/{len(pairs)}, adapted {adapted_report.matched}/{len(pairs)}")
     assert base_report.match_rate <= 0.05
     assert adapted_report.match_rate >= 0.2  # measured 19/70 (27%) for the shipped adapter
+
+
+def test_evaluate_and_demo_commands(capsys):
+    from privlora.cli import main
+
+    assert main(["evaluate", "--limit", "2", "--json"]) == 0
+    rates = json.loads(capsys.readouterr().out)
+    assert rates["base"]["questions"] == rates["adapted"]["questions"] == 2
+    assert main(["demo", "--questions", "1"]) == 0
+    shown = capsys.readouterr().out
+    first = load_qa(split="heldout")[0]
+    assert first.question in shown and "base model (" in shown and "fine-tuned (" in shown

@@ -34,7 +34,7 @@ def write_tiny_llama(directory: Path, seed: int = 0, **overrides: Any) -> Path:
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # larger-than-default weights so that mistakes show in the logits
         for param in model.parameters():
-            param.mul_(5.0)
+            param.mul_(3.0)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
 

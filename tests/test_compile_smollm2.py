@@ -47,9 +47,9 @@ def test_prefill_and_decode_match_the_original_model(artifact):
             compiled = runner(token, *step_inputs(token, position), *compiled[1:])
         worst = max(worst, (reference[0] - compiled[0]).abs().max().item())
     print(f"max |logits compiled - original| over prefill + 4 decode steps: {worst:.2e}")
-    # float32 kernels differ (ONNX Runtime's MLAS vs torch's MKL); SmolLM2's residual stream reaches
-    # thousands, so the logits (max ~36) carry ~1e-4 of rounding noise: 1.2e-4 measured.
-    assert worst < 2e-4
+    # float32 kernels differ (ONNX Runtime's MLAS vs torch's MKL) and SmolLM2's residual stream
+    # reaches thousands: 8.9e-5 measured on logits up to 36.
+    assert worst < 1e-4
 
 
 def test_client_bundle_holds_no_demo_adapter_weight(artifact):

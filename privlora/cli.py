@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(comp)
     comp.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    comp.add_argument("--backend", default="plain", choices=["plain"],
-                      help="how private rounds are evaluated (plain: no encryption, the reference)")
+    comp.add_argument("--backend", default="reference", choices=["reference", "plain"],
+                      help="how private rounds are evaluated: reference (float, unencrypted, exact) or "
+                           "plain (the PLL integer protocol, unencrypted)")
     comp.add_argument("--dump-ir", default=None, metavar="DIR",
                       help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
     comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")

@@ -50,7 +50,7 @@ def test_report_and_manifest(compiled):
     _, _, report = compiled
     assert (report.sites, report.rounds, report.segments) == (9, 6, 7)  # 3 layers: {q,v} then down
     manifest = json.loads((report.artifact / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["backend"]["name"] == "plain"
+    assert manifest["format_version"] == 1 and manifest["backend"]["name"] == "reference"
     first = manifest["segments"][0]
     past = next(spec for spec in first["inputs"] if spec["name"] == "past_keys")
     assert past["dtype"] == "float32" and isinstance(past["shape"][3], str)  # dynamic cache length
@@ -71,7 +71,7 @@ def test_client_bundle_holds_no_private_weight(compiled):
         secrets[f"{site.module}.dW"] = site.delta_weight().numpy()
     client_files = [p for p in (report.artifact / CLIENT).rglob("*") if p.is_file()]
     assert client_files and find_leaks(client_files, secrets) == []
-    server_file = report.artifact / "server" / "pll_weights.safetensors"
+    server_file = report.artifact / "server" / "program.safetensors"
     assert find_leaks([server_file], secrets)  # the scan does find them where they are
 
 
@@ -116,9 +116,9 @@ def test_mismatched_server_weights_are_rejected(compiled, tmp_path):
     write_tiny_llama(other / "base", seed=4)
     other_report = compile_artifact(str(other / "base"), write_tiny_adapter(other / "base", other / "a", TARGETS, seed=9),
                                     other / "art")
-    (art / "server" / "pll_weights.safetensors").write_bytes(
-        (other_report.artifact / "server" / "pll_weights.safetensors").read_bytes())
-    with pytest.raises(ArtifactError, match="pll_weights.safetensors is corrupted or was replaced"):
+    (art / "server" / "program.safetensors").write_bytes(
+        (other_report.artifact / "server" / "program.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match="program.safetensors is corrupted or was replaced"):
         CompiledModel(art)
 
 
@@ -140,3 +140,24 @@ def test_compile_refuses_to_overwrite_and_cli_reports(compiled, tmp_path, capsys
     assert main(["compile", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "a2"),
                  "--dump-ir", str(dumps), "--debug"]) == 0
     assert (dumps / "summary.json").is_file() and (dumps / "05-partition.py").is_file()
+
+
+def test_plain_backend_runs_the_pll_integer_protocol(compiled, tmp_path):
+    base, adapter, _ = compiled
+    report = compile_artifact(str(base), adapter, tmp_path / "plain", backend="plain")
+    manifest = json.loads((report.artifact / MANIFEST).read_text())
+    assert manifest["backend"]["name"] == "plain" and manifest["backend"]["parameters"]["x_bits"] == 8
+    model = load_model(base, adapter).model
+    base_only = load_model(base).model
+    runner = CompiledModel(report.artifact)
+    sample = sample_steps(model, prompt_length=6, seed=2)[0]
+    with torch.no_grad():
+        exact, approx, without = model(*sample.args())[0], runner(*sample.args())[0], base_only(*sample.args())[0]
+        again = runner(*sample.args())[0]
+    lora_effect = (exact - without).norm()
+    assert (approx - exact).norm() < 0.1 * lora_effect  # quantised LoRA close to the float LoRA
+    assert not torch.equal(approx, again)  # fresh PLL error on every call
+    lora = read_adapter(adapter)
+    secrets = {f"{s.module}.A": s.lora_A.numpy() for s in lora.sites}
+    client_files = [p for p in (report.artifact / CLIENT).rglob("*") if p.is_file()]
+    assert find_leaks(client_files, secrets) == []

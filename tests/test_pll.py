@@ -57,7 +57,7 @@ def test_decoded_delta_approximates_the_float_lora():
     a, b, site = random_site(3, 64, 48, 8)
     x = np.random.default_rng(4).normal(size=(5, 64))
     x_hat, c = encode_input(x, PARAMS.x_bits)
-    delta = decode(respond(site, x_hat), site, c)
+    delta = decode(respond(site, x_hat), site.modulus, c, site.out_scale)
     exact = 2.0 * (x @ a.T) @ b.T
     assert np.linalg.norm(delta - exact) / np.linalg.norm(exact) < 0.05
 
@@ -67,11 +67,11 @@ def test_zero_and_extreme_inputs():
     zero = np.zeros((2, 16))
     x_hat, c = encode_input(zero, PARAMS.x_bits)
     assert np.all(x_hat == 0) and np.all(c == 1.0)
-    assert np.abs(decode(respond(site, x_hat), site, c)).max() <= PARAMS.error_bound * site.out_scale.max()
+    assert np.abs(decode(respond(site, x_hat), site.modulus, c, site.out_scale)).max() <= PARAMS.error_bound * site.out_scale.max()
     extreme = np.tile([1e30, -1e30], (3, 8))
     x_hat, c = encode_input(extreme, PARAMS.x_bits)
     assert np.abs(x_hat).max() == 2 ** (PARAMS.x_bits - 1) - 1
-    delta = decode(respond(site, x_hat), site, c)
+    delta = decode(respond(site, x_hat), site.modulus, c, site.out_scale)
     exact = 2.0 * (extreme @ a.T) @ b.T
     assert np.linalg.norm(delta - exact) / np.linalg.norm(exact) < 0.05  # no wrap-around at the edges
 

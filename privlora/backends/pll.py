@@ -157,9 +157,10 @@ def centred(y: np.ndarray, modulus: int) -> np.ndarray:
     return (y + modulus // 2) % modulus - modulus // 2
 
 
-def decode(y: np.ndarray, site: QuantizedSite, c: np.ndarray) -> np.ndarray:
-    """Client side: the LoRA delta ``scaling * B A x`` (float) from the server's reply."""
-    return centred(y, site.modulus).astype(np.float64) * c[:, None] * site.out_scale[None, :]
+def decode(y: np.ndarray, modulus: int, c: np.ndarray, out_scale: np.ndarray) -> np.ndarray:
+    """Client side: the LoRA delta ``scaling * B A x`` (float) from the server's reply, given the
+    modulus and output scales from the client bundle and the row scales ``c`` it encoded with."""
+    return centred(y, modulus).astype(np.float64) * c[:, None] * out_scale[None, :]
 
 
 def masked_intermediate(site: QuantizedSite, x_hat: np.ndarray,

@@ -13,12 +13,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
+from safetensors.numpy import save_file as save_numpy
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 import privlora
+from privlora.backends import DEFAULT_BACKEND
+from privlora.backends import backend as backend_module
+from privlora.backends.base import groups_from_rounds
 from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, write_manifest
 from privlora.compiler.frontend import sample_steps
 from privlora.compiler.ir import PrivateLinear
@@ -29,8 +32,7 @@ from privlora.files import file_sha256
 from privlora.models.checkpoint import read_config, weight_files
 from privlora.models.loading import load_model
 
-BACKENDS = ("plain",)
-PLL_WEIGHTS = f"{SERVER}/pll_weights.safetensors"
+SERVER_PROGRAM = f"{SERVER}/program.safetensors"  # the backend's private tensors
 CRYPTO = f"{CLIENT}/crypto.json"
 TOKENIZER_DIR = f"{CLIENT}/tokenizer"
 IR_DIR = "ir"  # IR after every pass (text and code, no weights); read with `privlora inspect --ir`
@@ -47,9 +49,9 @@ class CompileReport:
     server_bytes: int
 
 
-def round_programs(split: GraphModule, plan: Plan) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+def round_programs(split: GraphModule, plan: Plan) -> tuple[list[dict[str, Any]], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Each round's PLL groups (which input feeds which output, with the site metadata) and the
-    private tensors they use, keyed ``<site_id>.lora_A`` / ``<site_id>.lora_B``."""
+    float LoRA weights (A, B) of every site, by site id."""
     rounds, weights = [], {}
     for step in (s for s in plan.steps if s.kind == "private"):
         module = split.get_submodule(step.name)
@@ -64,8 +66,7 @@ def round_programs(split: GraphModule, plan: Plan) -> tuple[list[dict[str, Any]]
             groups.append({"input": placeholders.index(node.args[0]), "output": results.index(node),
                            "sites": [asdict(site) for site in pll.sites]})
             for site, a, b in zip(pll.sites, pll.lora_A, pll.lora_B):
-                weights[f"{site.site_id}.lora_A"] = a.detach().contiguous()
-                weights[f"{site.site_id}.lora_B"] = b.detach().contiguous()
+                weights[site.site_id] = (a.detach().numpy(), b.detach().numpy())
         rounds.append({"name": step.name, "plls": groups})
     return rounds, weights
 
@@ -84,11 +85,11 @@ def _prepare_output(output: Path, force: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend: str = "plain",
-                     dump_ir: Path | None = None, debug: bool = False, force: bool = False) -> CompileReport:
+def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend: str = DEFAULT_BACKEND,
+                     dump_ir: Path | None = None, debug: bool = False, force: bool = False,
+                     backend_options: dict[str, Any] | None = None) -> CompileReport:
     """Compile base + adapter into an artifact directory at ``output``."""
-    if backend not in BACKENDS:
-        raise ArtifactError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    backend_module(backend)  # fail before any work on an unknown name
     start = time.perf_counter()
     output = Path(output)
     _prepare_output(output, force)
@@ -104,11 +105,12 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
         segments.append(lower_segment(split.get_submodule(step.name), step.name,
                                       [args[step.name] for args in arguments], path))
     rounds, weights = round_programs(split, plan)
+    build = backend_module(backend).compile(groups_from_rounds(rounds), weights, backend_options or {})
     (output / SERVER).mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(output / PLL_WEIGHTS))
+    save_numpy({name: np.ascontiguousarray(t) for name, t in build.server_tensors.items()}, str(output / SERVER_PROGRAM))
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
-    (output / CRYPTO).write_text(json.dumps({"backend": backend, "parameters": {}}, indent=2) + "\n")
+    (output / CRYPTO).write_text(json.dumps(build.client_params, indent=2) + "\n")
     sites = compiled.context.analyses["sites"]
     manifest = {
         "privlora_version": privlora.__version__,
@@ -118,7 +120,7 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
         "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
                     "target_modules": list(loaded.adapter.target_modules),
                     "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
-        "backend": {"name": backend, "parameters": {}},
+        "backend": {"name": backend, "parameters": build.public_params},
         "plan": plan.to_json(),
         "segments": [_segment_entry(segment, output) for segment in segments],
         "rounds": rounds,

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from privlora.backends.plain import PlainRounds
-from privlora.compiler.artifact import CLIENT, SERVER, load_bundle
+from privlora.backends import backend as backend_module
+from privlora.backends.base import GroupSpec, groups_from_rounds
+from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, load_bundle
+from privlora.compiler.driver import CRYPTO, SERVER_PROGRAM
+from privlora.files import read_json
+from privlora.models.checkpoint import read_tensors
 from privlora.compiler.plan import Plan, PlanStep, run_plan
 from privlora.runtime.onnx_runtime import Segment
-
-PLL_WEIGHTS = f"{SERVER}/pll_weights.safetensors"
 
 
 class CompiledModel:
@@ -31,7 +33,14 @@ class CompiledModel:
             spec["name"]: Segment(client.path(spec["file"]), tuple(i["name"] for i in spec["inputs"]))
             for spec in manifest["segments"]
         }
-        self.rounds = PlainRounds(server, PLL_WEIGHTS)
+        backend = backend_module(manifest["backend"]["name"])
+        groups = groups_from_rounds(manifest["rounds"])
+        self.groups: dict[str, list[GroupSpec]] = {}
+        for group in groups:
+            self.groups.setdefault(group.round, []).append(group)
+        self.client = backend.Client(read_json(client.path(CRYPTO), ArtifactError, "missing client parameters"))
+        tensors = {name: t.numpy() for name, t in read_tensors(server.path(SERVER_PROGRAM)).items()}
+        self.server = backend.Server(tensors, groups, manifest["backend"]["parameters"])
         config = manifest["base"]["config"]
         self.cache_shape = (config["num_hidden_layers"], config.get("num_key_value_heads") or config["num_attention_heads"],
                             config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
@@ -39,7 +48,11 @@ class CompiledModel:
     def _run_step(self, step: PlanStep, args: Sequence[Any]) -> Sequence[Any]:
         if step.kind == "public":
             return self.segments[step.name](list(args))
-        return self.rounds.evaluate(step.name, list(args))
+        outputs: list[Any] = [None] * len(self.groups[step.name])
+        for group in self.groups[step.name]:
+            request, state = self.client.encrypt(group, args[group.input])
+            outputs[group.output] = self.client.decrypt(group, self.server.evaluate(group, request), state)
+        return outputs
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,

@@ -18,10 +18,6 @@ from torch.fx import GraphModule, Node
 from privlora.compiler.ir import ROUND_PREFIX
 from privlora.errors import PrivloraError
 
-STEP_INPUTS = ("input_ids", "position_ids", "attention_mask", "past_keys", "past_values")
-STEP_OUTPUTS = ("logits", "present_keys", "present_values")
-
-
 @dataclass(frozen=True)
 class PlanStep:
     name: str  # "public_3" or "round_2"

@@ -112,16 +112,20 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
         loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
     (output / CRYPTO).write_text(json.dumps(build.client_params, indent=2) + "\n")
     sites = compiled.context.analyses["sites"]
+    config = read_config(loaded.base_path)
+    layers, _, kv_heads, _, head_dim = loaded.model.empty_cache(1)[0].shape
     manifest = {
         "privlora_version": privlora.__version__,
-        "base": {"name": str(base), "model_type": read_config(loaded.base_path).get("model_type"),
-                 "config": read_config(loaded.base_path),
+        "base": {"name": str(base), "model_type": config.get("model_type"), "config": config,
                  "sha256": {p.name: file_sha256(p) for p in weight_files(loaded.base_path)}},
         "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
                     "target_modules": list(loaded.adapter.target_modules),
                     "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
         "backend": {"name": backend, "parameters": build.public_params},
         "plan": plan.to_json(),
+        # The step's KV cache is [layers, batch, kv_heads, length, head_dim]; recorded so the runtime
+        # needs no architecture knowledge to build an empty one.
+        "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
         "segments": [_segment_entry(segment, output) for segment in segments],
         "rounds": rounds,
         "sites": [asdict(site) for site in sites],

@@ -41,9 +41,8 @@ class CompiledModel:
         self.client = backend.Client(read_json(client.path(CRYPTO), ArtifactError, "missing client parameters"))
         tensors = {name: t.numpy() for name, t in read_tensors(server.path(SERVER_PROGRAM)).items()}
         self.server = backend.Server(tensors, groups, manifest["backend"]["parameters"])
-        config = manifest["base"]["config"]
-        self.cache_shape = (config["num_hidden_layers"], config.get("num_key_value_heads") or config["num_attention_heads"],
-                            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        cache = manifest["cache"]
+        self.cache_shape = (cache["layers"], cache["kv_heads"], cache["head_dim"])
 
     def _run_step(self, step: PlanStep, args: Sequence[Any]) -> Sequence[Any]:
         if step.kind == "public":

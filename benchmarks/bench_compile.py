@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     out = args.artifact or Path(tempfile.mkdtemp()) / "artifact"
-    report = compile_artifact("smollm2", DEMO_ADAPTER, out, force=True)
+    report = compile_artifact("smollm2", DEMO_ADAPTER, out, backend="reference", force=True)
     print(f"compile: {report.seconds:.1f} s; client bundle {report.client_bytes / 1e6:.1f} MB, "
           f"server bundle {report.server_bytes / 1e6:.2f} MB; {report.sites} sites, "
           f"{report.rounds} rounds and {report.segments} public segments per step")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from privlora import __version__
+from privlora.backends import BACKENDS, DEFAULT_BACKEND
 from privlora.errors import PrivloraError
 
 DEMO_ADAPTER = Path(__file__).parent / "data" / "demo_adapter"
@@ -161,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(comp)
     comp.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    comp.add_argument("--backend", default="reference", choices=["reference", "plain"],
-                      help="how private rounds are evaluated: reference (float, unencrypted, exact) or "
-                           "plain (the PLL integer protocol, unencrypted)")
+    comp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
+                      help=f"how private rounds are evaluated (default {DEFAULT_BACKEND}): ckks (CKKS encryption, "
+                           "SEAL), concrete (TFHE, Concrete), plain (the PLL integer protocol, unencrypted) "
+                           "or reference (float, unencrypted, exact; for debugging)")
     comp.add_argument("--dump-ir", default=None, metavar="DIR",
                       help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
     comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.smollm2
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, smollm2_dir):
-    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path_factory.mktemp("smollm2") / "artifact")
+    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path_factory.mktemp("smollm2") / "artifact",
+                              backend="reference")
     print(f"compile {report.seconds:.0f} s, client {report.client_bytes / 1e6:.0f} MB, "
           f"server {report.server_bytes / 1e6:.2f} MB")
     return report

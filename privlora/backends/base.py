@@ -6,18 +6,21 @@ A backend module provides:
 - ``compile(groups, weights, options) -> BackendBuild``: from the PLL groups of every round and
   their float LoRA weights, build the server's private program (tensors for the server bundle)
   and the client's parameters (JSON for the client bundle);
-- ``Client(client_params)`` with ``encrypt(group, x) -> (request bytes, state)`` and
-  ``decrypt(group, reply bytes, state) -> delta``;
-- ``Server(server_tensors, groups)`` with ``evaluate(group, request bytes) -> reply bytes``.
+- ``Client(client_params, secret_key=None)``: generates (or reloads) the client's keys.
+  ``evaluation_keys() -> bytes`` is what the server needs for a session (uploaded once; one set
+  for every layer); ``secret_key() -> bytes`` is for the client's own key cache and never sent;
+  ``encrypt(group, x) -> (request bytes, state)`` and ``decrypt(group, reply bytes, state) -> delta``;
+- ``Server(server_tensors, groups, public_params)`` with ``open_session(evaluation_keys) ->
+  session`` and ``evaluate(group, request bytes, session) -> reply bytes``.
 
-Requests and replies are bytes so that every backend can use the same transport. Key
-generation and per-session evaluation keys come with the FHE backends; ``reference`` and
-``plain`` need none.
+Requests, replies and keys are bytes so that every backend can use the same transport. A
+malformed one raises :class:`PayloadError`.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,23 @@ class BackendBuild:
     public_params: dict[str, Any]  # the manifest's backend parameters
 
 
+class KeylessClient:
+    """Key methods of the backends that encrypt nothing (``reference``, ``plain``)."""
+
+    def evaluation_keys(self) -> bytes:
+        return b""
+
+    def secret_key(self) -> bytes:
+        return b""
+
+
+class KeylessServer:
+    def open_session(self, evaluation_keys: bytes) -> None:
+        if evaluation_keys:
+            raise PayloadError("this backend takes no evaluation keys")
+        return None
+
+
 def groups_from_rounds(rounds: list[dict[str, Any]]) -> list[GroupSpec]:
     """GroupSpecs from the manifest's ``rounds`` entries."""
     return [GroupSpec(spec["name"], index, group["input"], group["output"],
@@ -85,3 +105,37 @@ def unpack(payload: bytes, dtype: np.dtype, columns: int) -> np.ndarray:
         raise PayloadError(f"expected a {np.dtype(dtype).name} array with {columns} columns, "
                            f"got {array.dtype.name} {array.shape}")
     return array
+
+
+_FRAME_MAGIC = b"PLF1"
+
+
+def frame(blobs: list[bytes]) -> bytes:
+    """Several byte strings as one payload: magic, count, then (length, bytes) for each."""
+    parts = [_FRAME_MAGIC, struct.pack("<I", len(blobs))]
+    for blob in blobs:
+        parts += [struct.pack("<Q", len(blob)), blob]
+    return b"".join(parts)
+
+
+def unframe(payload: bytes, count: int | None = None) -> list[bytes]:
+    """Split a :func:`frame` payload, checking its structure (and the count when given)."""
+    view = memoryview(payload)
+    if len(view) < 8 or bytes(view[:4]) != _FRAME_MAGIC:
+        raise PayloadError("malformed payload: not a privlora frame")
+    (n,) = struct.unpack_from("<I", view, 4)
+    if count is not None and n != count:
+        raise PayloadError(f"expected {count} parts, got {n}")
+    blobs, offset = [], 8
+    for _ in range(n):
+        if offset + 8 > len(view):
+            raise PayloadError("malformed payload: truncated")
+        (length,) = struct.unpack_from("<Q", view, offset)
+        offset += 8
+        if offset + length > len(view):
+            raise PayloadError("malformed payload: truncated")
+        blobs.append(bytes(view[offset:offset + length]))
+        offset += length
+    if offset != len(view):
+        raise PayloadError("malformed payload: trailing bytes")
+    return blobs

@@ -15,18 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, pack, unpack
-from privlora.backends.pll import PLLParams, QuantizedSite, decode, encode_input, quantize_site, respond
+from privlora.backends.base import BackendBuild, GroupSpec, KeylessClient, KeylessServer, PayloadError, pack, unpack
+from privlora.backends.pll import PLLParams, QuantizedSite, decode, encode_input, quantize_group, respond
 
 NAME = "plain"
-
-
-def _group_sites(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]],
-                 params: PLLParams) -> list[QuantizedSite]:
-    """Quantised sites of a group, all under the group's largest modulus (one reply vector)."""
-    sites = [quantize_site(*weights[site.site_id], site.scaling, params) for site in group.sites]
-    modulus = max(site.modulus for site in sites)
-    return [dataclasses.replace(site, modulus=modulus) for site in sites]
 
 
 def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
@@ -35,7 +27,7 @@ def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.nda
     tensors: dict[str, np.ndarray] = {}
     client_groups: dict[str, Any] = {}
     for group in groups:
-        sites = _group_sites(group, weights, params)
+        sites = quantize_group(group, weights, params)
         for spec, site in zip(group.sites, sites):
             tensors[f"{spec.site_id}.a_hat"] = site.a_hat.astype(np.int32)
             tensors[f"{spec.site_id}.b_hat"] = site.b_hat.astype(np.int32)
@@ -46,13 +38,14 @@ def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.nda
     return BackendBuild(tensors, {"backend": NAME, "pll": public, "groups": client_groups}, public)
 
 
-class Client:
-    def __init__(self, params: dict[str, Any]) -> None:
+class Client(KeylessClient):
+    def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
         self.params = PLLParams(**params["pll"])
         self.groups = {key: (int(g["modulus"]), np.asarray(g["out_scale"])) for key, g in params["groups"].items()}
 
     def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
         x_hat, scale = encode_input(x.reshape(-1, group.d_in).double().numpy(), self.params.x_bits)
+        scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
         return pack(x_hat), (scale, tuple(x.shape[:-1]))
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> Tensor:
@@ -62,7 +55,7 @@ class Client:
         return torch.from_numpy(decode(y, modulus, scale, out_scale).astype(np.float32)).reshape(*leading, group.d_out)
 
 
-class Server:
+class Server(KeylessServer):
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.params = PLLParams(**params)
         self.sites = {group.key: [self._site(tensors, spec.site_id) for spec in group.sites] for group in groups}
@@ -71,7 +64,7 @@ class Server:
         a_hat, b_hat = (tensors[f"{site_id}.{name}"].astype(np.int64) for name in ("a_hat", "b_hat"))
         return QuantizedSite(a_hat, b_hat, np.ones(b_hat.shape[0]), int(tensors[f"{site_id}.modulus"][0]), self.params)
 
-    def evaluate(self, group: GroupSpec, request: bytes) -> bytes:
+    def evaluate(self, group: GroupSpec, request: bytes, session: None = None) -> bytes:
         x_hat = unpack(request, np.int64, group.d_in)
         limit = 2 ** (self.params.x_bits - 1) - 1
         if x_hat.size and np.abs(x_hat).max() > limit:  # larger inputs could wrap the modulus

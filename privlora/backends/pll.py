@@ -18,14 +18,18 @@ generator is passed (tests only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from privlora.errors import PrivloraError
+
+if TYPE_CHECKING:
+    from privlora.backends.base import GroupSpec
 
 
 class PLLError(PrivloraError):
@@ -118,6 +122,14 @@ def quantize_site(lora_A: np.ndarray, lora_B: np.ndarray, scaling: float, params
         raise PLLError(f"the accumulator can reach {bound} (needs a {bits}-bit modulus), more than the "
                        f"{params.max_modulus_bits} bits allowed: lower x_bits/w_bits or raise max_modulus_bits")
     return QuantizedSite(a_hat, b_hat, out_scale, 2**bits, params)
+
+
+def quantize_group(group: "GroupSpec", weights: dict[int, tuple[np.ndarray, np.ndarray]],
+                   params: PLLParams) -> list[QuantizedSite]:
+    """Quantised sites of a group, all under the group's largest modulus (one reply vector)."""
+    sites = [quantize_site(*weights[site.site_id], site.scaling, params) for site in group.sites]
+    modulus = max(site.modulus for site in sites)
+    return [dataclasses.replace(site, modulus=modulus) for site in sites]
 
 
 def encode_input(x: np.ndarray, x_bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from privlora.backends.base import BackendBuild, GroupSpec, pack, unpack
+from privlora.backends.base import BackendBuild, GroupSpec, KeylessClient, KeylessServer, pack, unpack
 from privlora.compiler.ir import PrivateLinear
 
 NAME = "reference"
@@ -27,8 +27,8 @@ def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.nda
     return BackendBuild(tensors, {"backend": NAME}, {})
 
 
-class Client:
-    def __init__(self, params: dict[str, Any]) -> None:
+class Client(KeylessClient):
+    def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
         self.params = params
 
     def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[int, ...]]:
@@ -38,7 +38,7 @@ class Client:
         return torch.from_numpy(unpack(reply, np.float32, group.d_out)).reshape(*leading, group.d_out)
 
 
-class Server:
+class Server(KeylessServer):
     """Evaluates each group with the compiler's own PrivateLinear, so the numbers are the model's."""
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
@@ -50,6 +50,6 @@ class Server:
         }
 
     @torch.no_grad()
-    def evaluate(self, group: GroupSpec, request: bytes) -> bytes:
+    def evaluate(self, group: GroupSpec, request: bytes, session: None = None) -> bytes:
         x = torch.from_numpy(unpack(request, np.float32, group.d_in))
         return pack(self.plls[group.key](x).numpy())

@@ -41,6 +41,7 @@ class CompiledModel:
         self.client = backend.Client(read_json(client.path(CRYPTO), ArtifactError, "missing client parameters"))
         tensors = {name: t.numpy() for name, t in read_tensors(server.path(SERVER_PROGRAM)).items()}
         self.server = backend.Server(tensors, groups, manifest["backend"]["parameters"])
+        self.session = self.server.open_session(self.client.evaluation_keys())
         cache = manifest["cache"]
         self.cache_shape = (cache["layers"], cache["kv_heads"], cache["head_dim"])
 
@@ -50,7 +51,7 @@ class CompiledModel:
         outputs: list[Any] = [None] * len(self.groups[step.name])
         for group in self.groups[step.name]:
             request, state = self.client.encrypt(group, args[group.input])
-            outputs[group.output] = self.client.decrypt(group, self.server.evaluate(group, request), state)
+            outputs[group.output] = self.client.decrypt(group, self.server.evaluate(group, request, self.session), state)
         return outputs
 
     @torch.no_grad()

@@ -1,0 +1,300 @@
+"""``ckks`` backend: the LoRA branch under CKKS (Microsoft SEAL via ``tenseal.sealapi``) with our
+own hybrid-diagonal kernel.
+
+Per row of x, one ciphertext goes up. The client scales the row to [-1, 1] by its max ``c`` and
+replicates it with period d_pad (a power of two), so that rotating the whole slot vector is a
+cyclic rotation of x. The server, holding A (rank x d_in, all sites of the group stacked) and B
+(d_out x rank, block diagonal) normalised so that |h| <= 1 and |u| <= 1:
+
+1. ``z = sum_j rot(x, j) * D_j`` with ``D_j[i] = A[i mod R, (i + j) mod d_pad]`` (R = rank padded
+   to a power of two), rescale, then rotate-and-sum over strides R, 2R, ..., d_pad/2: every slot
+   i now holds ``h[i mod R]`` -- the rank-R vector, replicated;
+2. per output ciphertext m: ``sum_j rot(h, j) * E_mj`` with ``E_mj[i] = B[m S + i, (i + j) mod R]``
+   (S = slots), rescale to the last level;
+3. PLL error: adds ``delta * e`` to every slot (``e`` discrete Gaussian, ``delta`` =
+   2^-precision_bits of the worst-case output), then re-randomises with a fresh public-key
+   encryption of zero, so the reply's mask is fresh and its noise is flooded.
+
+The client decrypts, keeps the first d_out slots and multiplies by ``c * beta`` (beta: the
+group's output normaliser). Rotation keys exist only for the steps above (1..R-1 and R..d_pad/2):
+about 20 keys, the same for every layer. There is no ``k q`` lift: CKKS decrypts to a real
+number, which has no integer representative to hide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+import torch
+from torch import Tensor
+
+from privlora.backends import seal as sealx
+from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, frame, unframe
+from privlora.backends.pll import PLLError, SystemRandom, discrete_gaussian
+
+NAME = "ckks"
+
+
+@dataclass(frozen=True)
+class FloodParams:
+    precision_bits: int = 22  # the error unit is 2^-precision_bits of the worst-case |output|
+    sigma: float = 3.2  # standard deviation of e, in error units
+    tail: float = 12.0  # e is cut at tail * sigma
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a group's vectors sit in the slots."""
+
+    d_in: int
+    d_pad: int  # period of the replicated input, a power of two
+    rank: int
+    r_pad: int  # period of the replicated rank vector, a power of two
+    d_out: int
+    slots: int
+
+    @property
+    def outputs(self) -> int:
+        return math.ceil(self.d_out / self.slots)
+
+    @property
+    def sum_steps(self) -> list[int]:
+        return [self.r_pad << i for i in range(int(math.log2(self.d_pad // self.r_pad)))]
+
+    @property
+    def steps(self) -> set[int]:
+        return set(range(1, self.r_pad)) | set(self.sum_steps)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def layout(group: GroupSpec, slots: int) -> Layout:
+    rank = sum(site.rank for site in group.sites)
+    d_pad, r_pad = _power_of_two(group.d_in), _power_of_two(rank)
+    r_pad = min(max(r_pad, 1), d_pad)
+    if d_pad > slots or rank > d_pad:
+        raise PLLError(f"group {group.key}: d_in {group.d_in} (padded {d_pad}) and rank {rank} do not fit "
+                       f"{slots} CKKS slots; use a larger poly_modulus_degree")
+    return Layout(group.d_in, d_pad, rank, r_pad, group.d_out, slots)
+
+
+def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Stack the group's sites into one (A [rank, d_in], B [d_out, rank]) pair with the LoRA
+    scaling folded in, scaled so that |x| <= 1 gives |h| <= 1 and |u| <= 1; and beta, the factor
+    the client multiplies u by."""
+    a_rows, b_blocks = [], []
+    for site in group.sites:
+        lora_a, lora_b = (np.asarray(w, dtype=np.float64) for w in weights[site.site_id])
+        a_rows.append(lora_a)
+        b_blocks.append(lora_b * site.scaling)
+    a = np.concatenate(a_rows)
+    b = np.zeros((group.d_out, a.shape[0]))
+    row = col = 0
+    for block in b_blocks:
+        b[row:row + block.shape[0], col:col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    alpha = np.abs(a).sum(axis=1)
+    alpha = np.where(alpha > 0, alpha, 1.0)
+    b = b * alpha[None, :]
+    beta = float(np.abs(b).sum(axis=1).max()) or 1.0
+    return a / alpha[:, None], b / beta, beta
+
+
+def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
+            options: dict[str, Any]) -> BackendBuild:
+    options = dict(options)
+    flood = FloodParams(**{k: options.pop(k) for k in list(options) if k in FloodParams.__dataclass_fields__})
+    params = sealx.CKKSParameters(**{k: tuple(v) if k == "coeff_bits" else v for k, v in options.items()})
+    sealx.context(params)  # validate the parameter set at compile time
+    tensors: dict[str, np.ndarray] = {}
+    client_groups: dict[str, Any] = {}
+    steps: set[int] = set()
+    for group in groups:
+        steps |= layout(group, params.slots).steps
+        a, b, beta = normalise(group, weights)
+        tensors[f"{group.key}.a"], tensors[f"{group.key}.b"] = a, b
+        client_groups[group.key] = {"beta": beta}
+    public = {"ckks": dataclasses.asdict(params), "flood": dataclasses.asdict(flood), "steps": sorted(steps)}
+    return BackendBuild(tensors, {"backend": NAME, **public, "groups": client_groups}, public)
+
+
+def _parameters(params: dict[str, Any]) -> sealx.CKKSParameters:
+    ckks = dict(params["ckks"])
+    ckks["coeff_bits"] = tuple(ckks["coeff_bits"])
+    return sealx.CKKSParameters(**ckks)
+
+
+class Client:
+    """Holds the secret key; uploads rotation keys and a public key once per session."""
+
+    def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
+        self.params = _parameters(params)
+        self.steps = [int(s) for s in params["steps"]]
+        self.betas = {key: float(g["beta"]) for key, g in params["groups"].items()}
+        self.ctx = sealx.context(self.params)
+        if secret_key is None:
+            self.keygen = seal.KeyGenerator(self.ctx)
+        else:
+            self.keygen = seal.KeyGenerator(self.ctx, sealx.from_bytes(seal.SecretKey, self.ctx, secret_key, "secret key"))
+        secret = self.keygen.secret_key()
+        self.encryptor = seal.Encryptor(self.ctx, secret)
+        self.decryptor = seal.Decryptor(self.ctx, secret)
+        self.encoder = seal.CKKSEncoder(self.ctx)
+        self.scale = 2.0**self.params.scale_bits
+        self.layouts: dict[str, Layout] = {}
+
+    def secret_key(self) -> bytes:
+        """For the client's own key cache; never sent."""
+        return sealx.to_bytes(self.keygen.secret_key())
+
+    def evaluation_keys(self) -> bytes:
+        """Rotation keys for the compiled steps only, and a public key (for re-randomisation)."""
+        galois = self.keygen.create_galois_keys(sealx.galois_elements(self.steps, self.params.poly_modulus_degree))
+        public = seal.PublicKey()
+        self.keygen.create_public_key(public)
+        return frame([sealx.to_bytes(galois), sealx.to_bytes(public)])
+
+    def _layout(self, group: GroupSpec) -> Layout:
+        if group.key not in self.layouts:
+            self.layouts[group.key] = layout(group, self.params.slots)
+        return self.layouts[group.key]
+
+    def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
+        lay = self._layout(group)
+        rows = x.reshape(-1, group.d_in).double().numpy()
+        scale = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))  # 0 for a zero row: decodes to 0
+        blobs = []
+        for row in rows / np.where(scale > 0, scale, 1.0)[:, None]:
+            slots = np.tile(np.pad(row, (0, lay.d_pad - lay.d_in)), lay.slots // lay.d_pad)
+            plain = seal.Plaintext()
+            self.encoder.encode(slots.tolist(), self.ctx.first_parms_id(), self.scale, plain)
+            blobs.append(sealx.to_bytes(self.encryptor.encrypt_symmetric(plain)))  # seeded: half size
+        return frame(blobs), (scale, tuple(x.shape[:-1]))
+
+    def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> Tensor:
+        scale, leading = state
+        lay = self._layout(group)
+        blobs = unframe(reply, len(scale) * lay.outputs)
+        rows = []
+        for r in range(len(scale)):
+            values = []
+            for blob in blobs[r * lay.outputs:(r + 1) * lay.outputs]:
+                ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
+                plain = seal.Plaintext()
+                self.decryptor.decrypt(ct, plain)
+                values.append(np.asarray(self.encoder.decode_double(plain)))
+            rows.append(np.concatenate(values)[:lay.d_out])
+        u = np.stack(rows) if rows else np.zeros((0, lay.d_out))
+        delta = u * scale[:, None] * self.betas[group.key]
+        return torch.from_numpy(delta.astype(np.float32)).reshape(*leading, group.d_out)
+
+
+@dataclass
+class Session:
+    """A client's evaluation keys, held by the server for the session."""
+
+    galois: Any
+    encryptor: Any  # public-key encryptor, for the fresh encryptions of zero
+    nbytes: int
+
+
+class _Kernel:
+    """One group's pre-encoded diagonals."""
+
+    def __init__(self, lay: Layout, a: np.ndarray, b: np.ndarray, encode_at, a_scale: float, b_scale: float) -> None:
+        self.layout = lay
+        i = np.arange(lay.slots)
+        a_pad = np.zeros((lay.r_pad, lay.d_pad))
+        a_pad[:lay.rank, :lay.d_in] = a
+        self.a_diagonals = [encode_at(0, a_pad[i % lay.r_pad, (i + j) % lay.d_pad], a_scale) for j in range(lay.r_pad)]
+        b_pad = np.zeros((lay.outputs * lay.slots, lay.r_pad))
+        b_pad[:lay.d_out, :lay.rank] = b
+        self.b_diagonals = [[encode_at(1, np.roll(b_pad[m * lay.slots + i, (i + j) % lay.r_pad], j), b_scale)
+                             for j in range(lay.r_pad)]
+                            for m in range(lay.outputs)]
+
+
+class Server:
+    def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
+        self.params = _parameters(params)
+        self.flood = FloodParams(**params["flood"])
+        self.ctx = sealx.context(self.params)
+        self.encoder = seal.CKKSEncoder(self.ctx)
+        self.evaluator = seal.Evaluator(self.ctx)
+        self.scale = 2.0**self.params.scale_bits
+        levels = [self.ctx.first_context_data()]
+        while levels[-1].next_context_data() is not None:
+            levels.append(levels[-1].next_context_data())
+        self.parms_ids = [level.parms_id() for level in levels]
+        self.kernels = {g.key: _Kernel(layout(g, self.params.slots), tensors[f"{g.key}.a"], tensors[f"{g.key}.b"],
+                                       self._encode, 2.0**self.params.a_scale_bits, 2.0**self.params.b_scale_bits)
+                        for g in groups}
+        self.rng = SystemRandom()
+
+    def _encode(self, level: int, values: np.ndarray, scale: float | None = None) -> seal.Plaintext:
+        plain = seal.Plaintext()
+        self.encoder.encode(values.tolist(), self.parms_ids[level], scale or self.scale, plain)
+        return plain
+
+    def open_session(self, evaluation_keys: bytes) -> Session:
+        galois_bytes, public_bytes = unframe(evaluation_keys, 2)
+        galois = sealx.from_bytes(seal.GaloisKeys, self.ctx, galois_bytes, "rotation keys")
+        public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
+        return Session(galois, seal.Encryptor(self.ctx, public), len(evaluation_keys))
+
+    def _load_input(self, blob: bytes) -> seal.Ciphertext:
+        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")
+        if ct.size() != 2 or ct.parms_id() != self.parms_ids[0] or ct.scale != self.scale:
+            raise PayloadError("input ciphertext has the wrong size, level or scale")
+        return ct
+
+    def _product(self, ct: seal.Ciphertext, plain: seal.Plaintext) -> seal.Ciphertext:
+        out = seal.Ciphertext()
+        self.evaluator.multiply_plain(ct, plain, out)
+        return out
+
+    def _rotated(self, ct: seal.Ciphertext, step: int, session: Session) -> seal.Ciphertext:
+        out = seal.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, session.galois, out)
+        return out
+
+    def _row(self, kernel: _Kernel, x: seal.Ciphertext, session: Session) -> list[bytes]:
+        ev, lay = self.evaluator, kernel.layout
+        z = self._product(x, kernel.a_diagonals[0])
+        for j in range(1, lay.r_pad):
+            ev.add_inplace(z, self._product(self._rotated(x, j, session), kernel.a_diagonals[j]))
+        for step in lay.sum_steps:
+            ev.add_inplace(z, self._rotated(z, step, session))
+        ev.rescale_to_next_inplace(z)
+        outputs = []
+        for diagonals in kernel.b_diagonals:
+            out = self._product(z, diagonals[0])
+            for j in range(1, lay.r_pad):  # rot(h * rot(E_j, -j), j) = rot(h, j) * E_j, rotated at the output's scale
+                ev.add_inplace(out, self._rotated(self._product(z, diagonals[j]), j, session))
+            outputs.append(out)
+        return [self._finish(out, session) for out in outputs]
+
+    def _finish(self, out: seal.Ciphertext, session: Session) -> bytes:
+        """PLL error and a fresh encryption of zero."""
+        ev = self.evaluator
+        error = discrete_gaussian(self.rng, self.flood.sigma, math.ceil(self.flood.tail * self.flood.sigma),
+                                  self.params.slots)
+        ev.add_plain_inplace(out, self._encode(len(self.parms_ids) - 1, error * 2.0**-self.flood.precision_bits,
+                                         out.scale))
+        zero = seal.Ciphertext()
+        session.encryptor.encrypt_zero(out.parms_id(), zero)
+        zero.scale = out.scale
+        ev.add_inplace(out, zero)
+        return sealx.to_bytes(out)
+
+    def evaluate(self, group: GroupSpec, request: bytes, session: Session) -> bytes:
+        kernel = self.kernels[group.key]
+        rows = [self._load_input(blob) for blob in unframe(request)]
+        return frame([blob for x in rows for blob in self._row(kernel, x, session)])

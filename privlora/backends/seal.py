@@ -1,0 +1,112 @@
+"""Thin helpers over Microsoft SEAL as exposed by ``tenseal.sealapi``: the CKKS context, byte
+serialisation (the bindings only save to and load from files) and the rotation key set.
+
+Kept apart from the ``ckks`` backend so that the kernel reads as the algorithm, not as plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tenseal.sealapi as seal
+
+from privlora.backends.base import PayloadError
+
+
+@dataclass(frozen=True)
+class CKKSParameters:
+    """The CKKS parameter set. SEAL itself enforces its 128-bit classical security bound on the
+    coefficient modulus (at most 218 bits for N = 8192); the default uses 170.
+
+
+    Two data primes. Everything that rotates a value of the rank vector happens at q0*q1, or
+    after the product with B: at the single-prime level q0 a key switch adds about N^1.5 sigma
+    q0/P of noise, far too much for h's scale. The one rescale (by q1) leaves h at 2^h_scale_bits,
+    and the B product is not rescaled, so B is encoded at the largest scale that keeps |u| <= 1
+    below q0/4 at the output."""
+
+    poly_modulus_degree: int = 8192
+    coeff_bits: tuple[int, ...] = (60, 50, 60)  # q0 | rescaling prime q1 | special (key-switching) prime
+    scale_bits: int = 40  # x
+    a_scale_bits: int = 44  # A: h at 2^34, B at 2^24 (measured best balance of h and B noise)
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def h_scale_bits(self) -> int:
+        return self.scale_bits + self.a_scale_bits - self.coeff_bits[1]
+
+    @property
+    def b_scale_bits(self) -> int:
+        return self.coeff_bits[0] - 2 - self.h_scale_bits
+
+
+def context(params: CKKSParameters) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
+    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise ValueError(f"invalid CKKS parameters: {ctx.parameters_error_message()}")
+    return ctx
+
+
+def galois_elements(steps: Iterable[int], poly_modulus_degree: int) -> list[int]:
+    """SEAL's Galois element of a left rotation by ``s`` slots is 3^s mod 2N (the bindings'
+    ``create_galois_keys`` takes elements, not steps)."""
+    return sorted({pow(3, step, 2 * poly_modulus_degree) for step in steps})
+
+
+class _Scratch:
+    """A private temporary directory for the file-only save/load of the bindings (in memory on
+    Linux where /dev/shm exists)."""
+
+    def __init__(self) -> None:
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._dir = tempfile.TemporaryDirectory(prefix="privlora-seal-", dir=root)
+        self._count = 0
+
+    def path(self) -> str:
+        self._count += 1
+        return str(Path(self._dir.name) / f"{os.getpid()}-{id(self)}-{self._count}.bin")
+
+
+_SCRATCH: _Scratch | None = None
+
+
+def _scratch_path() -> str:
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = _Scratch()
+    return _SCRATCH.path()
+
+
+def to_bytes(obj: Any) -> bytes:
+    """Serialise a SEAL object (or a seeded ``Serializable``) with SEAL's own format (zstd-compressed)."""
+    path = _scratch_path()
+    try:
+        obj.save(path)
+        return Path(path).read_bytes()
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes, what: str) -> Any:
+    """Load a SEAL object, turning SEAL's validation errors into :class:`PayloadError`."""
+    path = _scratch_path()
+    obj = factory()
+    try:
+        Path(path).write_bytes(payload)
+        obj.load(ctx, path)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise PayloadError(f"malformed {what}: {exc}") from None
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return obj

@@ -23,7 +23,7 @@ from privlora.compiler.frontend import sample_steps
 from privlora.compiler.lower_onnx import segment_arguments
 from privlora.compiler.pipeline import compile_graph
 from privlora.models.loading import load_model
-from privlora.runtime.compiled import CompiledModel
+from privlora.runtime.client import open_local
 
 
 def median_ms(run, repeats: int) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
 
     loaded = load_model("smollm2", DEMO_ADAPTER)
     split = compile_graph(loaded.model).graph_module
-    runner = CompiledModel(out)
+    runner = open_local(out)
     prefill, decode, _ = sample_steps(loaded.model, prompt_length=32)
     print(f"median of {args.repeats}, torch threads {torch.get_num_threads()}, ONNX Runtime {runner.segments['public_0'].session.get_providers()[0]}")
     for label, sample in (("decode step (1 token after a 32-token prompt)", decode), ("prefill step (32 tokens)", prefill)):

@@ -89,7 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from privlora.demo import run_demo
 
-    run_demo(base=args.base, adapter=Path(args.adapter), questions=args.questions)
+    run_demo(base=args.base, adapter=Path(args.adapter), questions=args.questions, backend=args.backend)
     return 0
 
 
@@ -114,6 +114,68 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary(root), indent=2))
     else:
         print(render(summary(root)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from privlora.runtime.http import serve
+
+    print(f"privlora server: {args.artifact} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from privlora.models.tokenizer import encode_chat, load_tokenizer
+    from privlora.runtime.client import SecureClient, render_timings
+    from privlora.runtime.generation import GenerationConfig, generate
+    from privlora.runtime.server import PrivateServer
+    from privlora.runtime.transport import HttpTransport, InProcessTransport
+
+    transport = HttpTransport(args.server) if args.server else InProcessTransport(PrivateServer(args.artifact))
+    if args.backend_check:
+        info = transport.info()
+        print(f"server: backend {info['backend']}, artifact {info['artifact'][:16]}, {info['sessions']} open sessions",
+              file=sys.stderr)
+    client = SecureClient(args.artifact, transport, cache_keys=not args.no_key_cache)
+    if client.tokenizer_dir is None:
+        raise PrivloraError(f"{args.artifact} has no tokenizer in its client bundle")
+    tokenizer = load_tokenizer(client.tokenizer_dir)
+    prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids if args.raw else encode_chat(tokenizer, args.prompt)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                              temperature=args.temperature or 1.0, top_p=args.top_p,
+                              eos_token_ids=(tokenizer.eos_token_id,), seed=args.seed)
+    tokens: list[int] = []
+    shown = ""
+    try:
+        for token in generate(client, prompt, config):
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+    finally:
+        client.close()
+    if not args.quiet:
+        print(f"\n{len(prompt)} prompt tokens, {len(tokens)} generated, backend {client.backend_name}", file=sys.stderr)
+        print(render_timings(client.steps), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from privlora.bench import CASES, bench_site, render
+
+    cases = {name: CASES[name]() for name in args.site}
+    results = []
+    for name in args.backend:  # backend-major: concrete's runtime threads must not slow the others
+        for case in cases.values():
+            repeats = args.repeats if args.repeats is not None else (2 if name == "concrete" else 5)
+            results.append(bench_site(name, case, repeats=repeats))
+            print(render(results[-1:]).splitlines()[2], file=sys.stderr)
+    print(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -177,11 +239,49 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--ir", nargs="?", const="", default=None, metavar="PASS",
                       help="show the per-pass IR summary, or the IR after PASS (e.g. fuse_pll)")
 
+    serve = command("serve", cmd_serve, "serve an artifact's private rounds over HTTP (loads the server bundle only)")
+    serve.add_argument("artifact", help="artifact directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="JSON log level on stderr (debug logs every round: sizes and timings, never payloads)")
+
+    gen = command("generate", cmd_generate,
+                  "generate text with the prompt encrypted and the adapter on the server (loads the client bundle only)")
+    gen.add_argument("artifact", help="artifact directory")
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--server", default=None, metavar="URL",
+                     help="privlora server (e.g. http://127.0.0.1:8000); default: an in-process server on the artifact")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding, else sample")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--backend-check", action="store_true",
+                     help="print the server's backend and artifact before generating (they are always checked)")
+    gen.add_argument("--no-key-cache", action="store_true",
+                     help="fresh keys for this run instead of the per-artifact key cache")
+    gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+    bench = command("bench", cmd_bench,
+                    "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")
+    bench.add_argument("--backend", nargs="+", default=["ckks", "concrete", "plain"], choices=sorted(BACKENDS),
+                       help="backends to measure")
+    bench.add_argument("--site", nargs="+", default=["smollm2", "chatglm2"], choices=["smollm2", "chatglm2"],
+                       help="smollm2: fused q+v 576->768 with the demo adapter on real activations; "
+                            "chatglm2: query_key_value 4096->4608 r=8, random weights")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed single-row calls per site (default 5; 2 for concrete)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
     demo = command("demo", cmd_demo,
-                   "answer held-out questions with the base model and with base + adapter (plaintext for now)")
+                   "held-out questions answered by the base model, by the fine-tuned model with secure generation "
+                   "(prompt encrypted, adapter on the server) and by the fine-tuned model in plaintext")
     _add_base(demo)
     demo.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     demo.add_argument("--questions", type=int, default=3, help="how many held-out questions to ask")
+    demo.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(set(BACKENDS) - {"reference"}),
+                      help="private backend for the secure answers")
     return parser
 
 

@@ -1,40 +1,94 @@
-"""``make demo`` / ``privlora demo``: the base model and the fine-tuned model answer held-out
-questions about the fictional clinic.
+"""``make demo`` / ``privlora demo``: held-out questions about the fictional clinic, answered by
+the base model, by the fine-tuned model through secure generation (prompt encrypted, adapter on
+the server), and by the fine-tuned model in plaintext for comparison.
 
-At this stage both run in plaintext on this machine; the secure runtime (encrypted prompt,
-adapter on the server) replaces the fine-tuned path once it lands.
+The artifact is compiled once and cached (``$PRIVLORA_CACHE_DIR/artifacts``); the server runs in
+process on the server bundle, the client on the client bundle, with real encryption.
 """
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 import time
 from pathlib import Path
 
+import privlora
+from privlora.compiler.artifact import ArtifactError, load_bundle
+from privlora.compiler.driver import compile_artifact
 from privlora.evaluate import ask
+from privlora.files import file_sha256
+from privlora.models.cache import cache_root
 from privlora.models.loading import load_model
 from privlora.qa import load_qa, states_fact
+from privlora.runtime.client import SecureClient, render_timings
+from privlora.runtime.server import PrivateServer
+from privlora.runtime.transport import InProcessTransport
+
+ANSWER_TOKENS = 32
 
 
-def _show(label: str, answer: str, keyword: str, seconds: float) -> None:
+def _show(label: str, answer: str, keyword: str, seconds: float, tokens: int | None = None) -> None:
     mark = "states the fact" if states_fact(answer, keyword) else "does not state the fact"
-    print(f"  {label} ({seconds:.1f} s, {mark}):")
+    rate = f", {tokens / seconds:.2f} tokens/s" if tokens else ""
+    print(f"  {label} ({seconds:.1f} s{rate}, {mark}):")
     print(textwrap.indent(textwrap.fill(answer or "(empty)", 92), "    "))
 
 
-def run_demo(base: str, adapter: Path, questions: int) -> None:
-    """Print base and adapted answers to the first ``questions`` held-out questions."""
+def demo_artifact(base: str, adapter: Path, backend: str) -> Path:
+    """The demo's compiled artifact, compiled on first use and cached by its inputs."""
+    identity = hashlib.sha256(f"{privlora.__version__}|{base}|{backend}".encode())
+    for path in sorted(p for p in adapter.iterdir() if p.is_file()):
+        identity.update(f"{path.name}:{file_sha256(path)}".encode())
+    artifact = cache_root() / "artifacts" / f"demo-{backend}-{identity.hexdigest()[:16]}"
+    try:
+        load_bundle(artifact, "client")
+        load_bundle(artifact, "server")
+        print(f"artifact:   {artifact} (cached)")
+    except ArtifactError:
+        print(f"Compiling base + adapter with the {backend} backend ...")
+        report = compile_artifact(base, adapter, artifact, backend=backend, force=True)
+        print(f"artifact:   {artifact} (compiled in {report.seconds:.0f} s: {report.rounds} private rounds per token)")
+    return artifact
+
+
+def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") -> None:
+    """Print base, secure fine-tuned and plaintext fine-tuned answers to held-out questions."""
     print("Loading the base model and the demo adapter ...")
     plain = load_model(base)
     tuned = load_model(base, adapter)
     print(f"base model: {plain.base_path}")
     print(f"adapter:    {adapter} (rank {tuned.adapter.rank}, {len(tuned.lora_sites)} LoRA sites)")
-    print("mode:       plaintext inference on this machine (secure generation comes with the runtime)\n")
-    for number, pair in enumerate(load_qa(split="heldout")[:questions], start=1):
-        print(f"Q{number}: {pair.question}")
-        print(f"  expected: {pair.answer}")
-        for label, loaded in (("base model", plain), ("fine-tuned", tuned)):
+    artifact = demo_artifact(base, adapter, backend)
+    client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact)))
+    print(f"secure:     backend {backend}, in-process server on the server bundle, keys cached per artifact\n")
+    secure_seconds = plain_seconds = 0.0
+    secure_tokens = 0
+    try:
+        for number, pair in enumerate(load_qa(split="heldout")[:questions], start=1):
+            print(f"Q{number}: {pair.question}")
+            print(f"  expected: {pair.answer}")
             start = time.perf_counter()
-            answer = ask(loaded.model, loaded.tokenizer, pair.question)
-            _show(label, answer, pair.keyword, time.perf_counter() - start)
-        print()
+            _show("base model (plaintext)", ask(plain.model, plain.tokenizer, pair.question, ANSWER_TOKENS),
+                  pair.keyword, time.perf_counter() - start)
+            client.steps.clear()
+            start = time.perf_counter()
+            secure = ask(client, tuned.tokenizer, pair.question, ANSWER_TOKENS)
+            seconds = time.perf_counter() - start
+            secure_seconds += seconds
+            secure_tokens += len(client.steps)
+            _show("fine-tuned, secure (prompt encrypted, adapter on the server)", secure, pair.keyword, seconds,
+                  len(client.steps))
+            start = time.perf_counter()
+            reference = ask(tuned.model, tuned.tokenizer, pair.question, ANSWER_TOKENS)
+            plain_seconds += time.perf_counter() - start
+            _show("fine-tuned, plaintext", reference, pair.keyword, time.perf_counter() - start)
+            print(f"  secure answer {'identical to' if secure == reference else 'DIFFERS from'} the plaintext answer")
+            print("  secure generation, this question:")
+            print(textwrap.indent(render_timings(client.steps), "    "))
+            print()
+    finally:
+        client.close()
+    print(f"secure generation: {secure_tokens} tokens in {secure_seconds:.1f} s "
+          f"({secure_tokens / secure_seconds:.2f} tokens/s, prefill included); plaintext fine-tuned: "
+          f"{plain_seconds:.1f} s for the same questions")

@@ -16,7 +16,7 @@ from privlora.compiler.driver import compile_artifact
 from privlora.compiler.frontend import sample_steps
 from privlora.models.loading import load_model
 from privlora.models.lora import read_adapter
-from privlora.runtime.compiled import CompiledModel
+from privlora.runtime.client import open_local
 from privlora.runtime.generation import GenerationConfig, generate
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -36,7 +36,7 @@ def compiled(tmp_path_factory):
 def test_compiled_artifact_reproduces_the_model(compiled):
     base, adapter, report = compiled
     model = load_model(base, adapter).model
-    runner = CompiledModel(report.artifact)
+    runner = open_local(report.artifact)
     for sample in sample_steps(model, prompt_length=6, seed=5):
         with torch.no_grad():
             for want, got in zip(model(*sample.args()), runner(*sample.args())):
@@ -95,7 +95,7 @@ def test_damaged_artifacts_fail_clearly(compiled, tmp_path):
     load_bundle(art, "server")  # the server bundle is intact and still loads
     segment.unlink()
     with pytest.raises(ArtifactError, match="public_1.onnx is missing"):
-        CompiledModel(art)
+        open_local(art)
     manifest = json.loads((art / MANIFEST).read_text())
     (art / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(ArtifactError, match="format version 99"):
@@ -119,7 +119,7 @@ def test_mismatched_server_weights_are_rejected(compiled, tmp_path):
     (art / "server" / "program.safetensors").write_bytes(
         (other_report.artifact / "server" / "program.safetensors").read_bytes())
     with pytest.raises(ArtifactError, match="program.safetensors is corrupted or was replaced"):
-        CompiledModel(art)
+        open_local(art)
 
 
 def test_compile_refuses_to_overwrite_and_cli_reports(compiled, tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_pll_backends_through_the_artifact(compiled, tmp_path, backend):
     assert manifest["backend"]["name"] == backend
     model = load_model(base, adapter).model
     base_only = load_model(base).model
-    runner = CompiledModel(report.artifact)
+    runner = open_local(report.artifact)
     sample = sample_steps(model, prompt_length=6, seed=2)[0]
     with torch.no_grad():
         exact, approx, without = model(*sample.args())[0], runner(*sample.args())[0], base_only(*sample.args())[0]

@@ -13,7 +13,7 @@ from privlora.compiler.artifact import CLIENT
 from privlora.compiler.driver import compile_artifact
 from privlora.models.loading import load_model
 from privlora.models.tokenizer import encode_chat
-from privlora.runtime.compiled import CompiledModel
+from privlora.runtime.client import open_local
 
 pytestmark = pytest.mark.smollm2
 
@@ -33,7 +33,7 @@ def test_thirty_rounds_per_step(artifact):
 
 def test_prefill_and_decode_match_the_original_model(artifact):
     loaded = load_model("smollm2", DEMO_ADAPTER)
-    runner = CompiledModel(artifact.artifact)
+    runner = open_local(artifact.artifact)
     prompt = torch.tensor([encode_chat(loaded.tokenizer, "Who is the clinic's practice manager?")])
     worst = 0.0
     with torch.no_grad():

@@ -1,16 +1,19 @@
 """``ckks`` backend: the LoRA branch under CKKS (Microsoft SEAL via ``tenseal.sealapi``) with our
 own hybrid-diagonal kernel.
 
-Per row of x, one ciphertext goes up. The client scales the row to [-1, 1] by its max ``c`` and
+Per row of x, one ciphertext goes up. The client scales the row to unit L2 norm (by ``c``) and
 replicates it with period d_pad (a power of two), so that rotating the whole slot vector is a
 cyclic rotation of x. The server, holding A (rank x d_in, all sites of the group stacked) and B
 (d_out x rank, block diagonal) normalised so that |h| <= 1 and |u| <= 1:
 
 1. ``z = sum_j rot(x, j) * D_j`` with ``D_j[i] = A[i mod R, (i + j) mod d_pad]`` (R = rank padded
-   to a power of two), rescale, then rotate-and-sum over strides R, 2R, ..., d_pad/2: every slot
-   i now holds ``h[i mod R]`` -- the rank-R vector, replicated;
+   to a power of two), by baby-step giant-step (about 2 sqrt(R) rotations instead of R - 1), then
+   rotate-and-sum over strides R, 2R, ..., d_pad/2 and rescale: every slot i now holds
+   ``h[i mod R]`` -- the rank-R vector, replicated. All of this at the top level, where a key
+   switch's noise is negligible against the scale;
 2. per output ciphertext m: ``sum_j rot(h, j) * E_mj`` with ``E_mj[i] = B[m S + i, (i + j) mod R]``
-   (S = slots), rescale to the last level;
+   (S = slots), computed as ``sum_j rot(h * rot(E_mj, -j), j)``: the rotation comes after the
+   product, at the output's scale, so its noise does not reach h;
 3. PLL error: adds ``delta * e`` to every slot (``e`` discrete Gaussian, ``delta`` =
    2^-precision_bits of the worst-case output), then re-randomises with a fresh public-key
    encryption of zero, so the reply's mask is fresh and its noise is flooded.
@@ -42,7 +45,7 @@ NAME = "ckks"
 
 @dataclass(frozen=True)
 class FloodParams:
-    precision_bits: int = 22  # the error unit is 2^-precision_bits of the worst-case |output|
+    precision_bits: int = 20  # the error unit is 2^-precision_bits of the worst-case |output|
     sigma: float = 3.2  # standard deviation of e, in error units
     tail: float = 12.0  # e is cut at tail * sigma
 
@@ -67,8 +70,17 @@ class Layout:
         return [self.r_pad << i for i in range(int(math.log2(self.d_pad // self.r_pad)))]
 
     @property
+    def baby(self) -> int:
+        """Baby steps of the first product (baby-step giant-step over the r_pad diagonals)."""
+        return 1 << ((self.r_pad.bit_length() - 1 + 1) // 2)
+
+    @property
+    def giant(self) -> int:
+        return max(self.r_pad // self.baby, 1)
+
+    @property
     def steps(self) -> set[int]:
-        return set(range(1, self.r_pad)) | set(self.sum_steps)
+        return set(range(1, self.r_pad)) | set(range(1, self.baby)) | set(self.sum_steps)
 
 
 def _power_of_two(n: int) -> int:
@@ -87,8 +99,10 @@ def layout(group: GroupSpec, slots: int) -> Layout:
 
 def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
     """Stack the group's sites into one (A [rank, d_in], B [d_out, rank]) pair with the LoRA
-    scaling folded in, scaled so that |x| <= 1 gives |h| <= 1 and |u| <= 1; and beta, the factor
-    the client multiplies u by."""
+    scaling folded in, scaled so that every input with ||x||_2 <= 1 gives |h| <= 1 and |u| <= 1
+    (Cauchy-Schwarz: unit-norm rows of A; B's largest row norm times A's spectral norm); and
+    beta, the factor the client multiplies u by. L2 bounds are far tighter than max-abs ones on
+    real activations, whose few outlier channels would otherwise leave every other value tiny."""
     a_rows, b_blocks = [], []
     for site in group.sites:
         lora_a, lora_b = (np.asarray(w, dtype=np.float64) for w in weights[site.site_id])
@@ -100,11 +114,12 @@ def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]
     for block in b_blocks:
         b[row:row + block.shape[0], col:col + block.shape[1]] = block
         row, col = row + block.shape[0], col + block.shape[1]
-    alpha = np.abs(a).sum(axis=1)
+    alpha = np.linalg.norm(a, axis=1)
     alpha = np.where(alpha > 0, alpha, 1.0)
+    a = a / alpha[:, None]
     b = b * alpha[None, :]
-    beta = float(np.abs(b).sum(axis=1).max()) or 1.0
-    return a / alpha[:, None], b / beta, beta
+    beta = float(np.linalg.norm(b, axis=1).max() * np.linalg.norm(a, ord=2)) or 1.0
+    return a, b / beta, beta
 
 
 def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
@@ -169,7 +184,7 @@ class Client:
     def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
         lay = self._layout(group)
         rows = x.reshape(-1, group.d_in).double().numpy()
-        scale = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))  # 0 for a zero row: decodes to 0
+        scale = np.linalg.norm(rows, axis=1)  # unit-norm rows (see normalise); 0 for a zero row: decodes to 0
         blobs = []
         for row in rows / np.where(scale > 0, scale, 1.0)[:, None]:
             slots = np.tile(np.pad(row, (0, lay.d_pad - lay.d_in)), lay.slots // lay.d_pad)
@@ -213,7 +228,9 @@ class _Kernel:
         i = np.arange(lay.slots)
         a_pad = np.zeros((lay.r_pad, lay.d_pad))
         a_pad[:lay.rank, :lay.d_in] = a
-        self.a_diagonals = [encode_at(0, a_pad[i % lay.r_pad, (i + j) % lay.d_pad], a_scale) for j in range(lay.r_pad)]
+        # D_j[i] = A[i mod R, (i + j) mod d_pad]; giant step g, baby step b: D_(gB+b) pre-rotated by -gB
+        self.a_diagonals = [[encode_at(0, np.roll(a_pad[i % lay.r_pad, (i + g * lay.baby + b) % lay.d_pad], g * lay.baby),
+                                       a_scale) for b in range(min(lay.baby, lay.r_pad))] for g in range(lay.giant)]
         b_pad = np.zeros((lay.outputs * lay.slots, lay.r_pad))
         b_pad[:lay.d_out, :lay.rank] = b
         self.b_diagonals = [[encode_at(1, np.roll(b_pad[m * lay.slots + i, (i + j) % lay.r_pad], j), b_scale)
@@ -267,9 +284,18 @@ class Server:
 
     def _row(self, kernel: _Kernel, x: seal.Ciphertext, session: Session) -> list[bytes]:
         ev, lay = self.evaluator, kernel.layout
-        z = self._product(x, kernel.a_diagonals[0])
-        for j in range(1, lay.r_pad):
-            ev.add_inplace(z, self._product(self._rotated(x, j, session), kernel.a_diagonals[j]))
+        babies = [x] + [self._rotated(x, b, session) for b in range(1, min(lay.baby, lay.r_pad))]
+        z = None
+        for g, diagonals in enumerate(kernel.a_diagonals):
+            part = self._product(babies[0], diagonals[0])
+            for baby, diagonal in zip(babies[1:], diagonals[1:]):
+                ev.add_inplace(part, self._product(baby, diagonal))
+            if g:
+                part = self._rotated(part, g * lay.baby, session)
+            if z is None:
+                z = part
+            else:
+                ev.add_inplace(z, part)
         for step in lay.sum_steps:
             ev.add_inplace(z, self._rotated(z, step, session))
         ev.rescale_to_next_inplace(z)

@@ -1,0 +1,133 @@
+"""``privlora serve``: the :class:`PrivateServer` over HTTP (FastAPI + uvicorn).
+
+Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"error": ...}``):
+
+- ``GET  /v1/health``: artifact id, backend, open sessions;
+- ``POST /v1/sessions``: body = the client's evaluation keys -> ``{"session": id}``;
+- ``DELETE /v1/sessions/{id}``;
+- ``POST /v1/sessions/{id}/rounds/{round}/{group}``: body = the encrypted group input -> the
+  encrypted reply.
+
+Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
+several sessions are served at once. A bad request gets a 4xx and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from privlora.backends.base import PayloadError
+from privlora.runtime.server import PrivateServer, RoundError, SessionError
+from privlora.runtime.transport import API
+
+log = logging.getLogger("privlora.server")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    keys: int = 256 * 1024**2  # evaluation keys (ckks: ~10 MB; concrete: 64 B)
+    round: int = 256 * 1024**2  # one group's request (a long prompt's prefill has a ciphertext per token)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> FastAPI:
+    app = FastAPI(title="privlora server", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
+        return error(413, "request body too large")
+
+    @app.exception_handler(SessionError)
+    async def unknown_session(request: Request, exc: SessionError) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(RoundError)
+    async def unknown_round(request: Request, exc: RoundError) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(PayloadError)
+    async def bad_payload(request: Request, exc: PayloadError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:  # never echo payloads
+        log.error("internal error", extra={"event": "error", "kind": type(exc).__name__})
+        return error(500, f"internal server error ({type(exc).__name__})")
+
+    @app.get(f"{API}/health")
+    async def health() -> dict:
+        return {"status": "ok", **server.info()}
+
+    @app.post(f"{API}/sessions")
+    async def open_session(request: Request) -> dict:
+        keys = await _read_body(request, limits.keys)
+        return {"session": await run_in_threadpool(server.open_session, keys)}
+
+    @app.delete(f"{API}/sessions/{{session}}")
+    async def close_session(session: str) -> dict:
+        server.close_session(session)
+        return {"closed": True}
+
+    @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}")
+    async def evaluate(session: str, round_name: str, index: int, request: Request) -> Response:
+        payload = await _read_body(request, limits.round)
+        reply = await run_in_threadpool(server.evaluate, session, round_name, index, payload)
+        return Response(reply, media_type="application/octet-stream")
+
+    return app
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and the structured fields we attach."""
+
+    FIELDS = ("event", "session", "artifact", "backend", "groups", "key_bytes", "round", "bytes_in", "bytes_out",
+              "ms", "kind")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("privlora")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    configure_logging(log_level)
+    server = PrivateServer(artifact)
+    # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,139 @@
+"""The server side of secure generation: the server bundle, sessions and private rounds.
+
+:class:`PrivateServer` is transport-free: the HTTP app (``runtime/http.py``) wraps it, and the
+in-process transport calls it directly, so both paths run the same code. It loads the server
+bundle only. Each client session holds that client's evaluation keys, with an idle expiry and
+a bound on the number of sessions and on their total key bytes (least recently used first out).
+Logs carry event names, session ids, round names, sizes and timings: never payloads, keys or
+plaintext.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privlora.backends import backend as backend_module
+from privlora.backends.base import GroupSpec, groups_from_rounds
+from privlora.compiler.artifact import MANIFEST, SERVER, load_bundle
+from privlora.compiler.driver import SERVER_PROGRAM
+from privlora.errors import PrivloraError
+from privlora.files import file_sha256
+from privlora.models.checkpoint import read_tensors
+
+log = logging.getLogger("privlora.server")
+
+
+class SessionError(PrivloraError):
+    """The session id is unknown or has expired."""
+
+
+class RoundError(PrivloraError):
+    """The round or group named by a request does not exist in this artifact."""
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    idle_seconds: float = 3600.0  # a session unused this long is dropped
+    max_sessions: int = 64
+    max_key_bytes: int = 2 * 1024**3  # total evaluation-key bytes held for all sessions
+
+
+@dataclass
+class Session:
+    keys: Any  # the backend's session object
+    key_bytes: int
+    created: float
+    last_used: float
+    rounds: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def artifact_id(root: str | Path) -> str:
+    """The manifest's sha256: it names every file of both bundles by hash, so it identifies the
+    artifact exactly (client and server must agree on it)."""
+    return file_sha256(Path(root) / MANIFEST)
+
+
+class PrivateServer:
+    def __init__(self, artifact: str | Path, limits: SessionLimits = SessionLimits()) -> None:
+        bundle = load_bundle(artifact, SERVER)
+        manifest = bundle.manifest
+        self.artifact_id = artifact_id(artifact)
+        self.backend_name = manifest["backend"]["name"]
+        self.groups: dict[tuple[str, int], GroupSpec] = {(g.round, g.index): g for g in groups_from_rounds(manifest["rounds"])}
+        tensors = {name: t.numpy() for name, t in read_tensors(bundle.path(SERVER_PROGRAM)).items()}
+        self.backend = backend_module(self.backend_name).Server(tensors, list(self.groups.values()),
+                                                                manifest["backend"]["parameters"])
+        self.limits = limits
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+        log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
+                                           "backend": self.backend_name, "groups": len(self.groups)})
+
+    def info(self) -> dict[str, Any]:
+        return {"artifact": self.artifact_id, "backend": self.backend_name, "sessions": len(self._sessions),
+                "groups": len(self.groups)}
+
+    def open_session(self, evaluation_keys: bytes) -> str:
+        keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes
+        session_id = secrets.token_urlsafe(18)
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now)
+            self._evict()
+        log.info("session opened", extra={"event": "open", "session": session_id[:8], "key_bytes": len(evaluation_keys)})
+        return session_id
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise SessionError("unknown or expired session")
+        log.info("session closed", extra={"event": "close", "session": session_id[:8]})
+
+    def _expire(self, now: float) -> None:
+        for session_id in [s for s, v in self._sessions.items() if now - v.last_used > self.limits.idle_seconds]:
+            del self._sessions[session_id]
+            log.info("session expired", extra={"event": "expire", "session": session_id[:8]})
+
+    def _evict(self) -> None:
+        """Least recently used out until both bounds hold (the newest session always stays)."""
+        while len(self._sessions) > 1 and (len(self._sessions) > self.limits.max_sessions or
+                                           sum(s.key_bytes for s in self._sessions.values()) > self.limits.max_key_bytes):
+            session_id, _ = self._sessions.popitem(last=False)
+            log.info("session evicted", extra={"event": "evict", "session": session_id[:8]})
+
+    def _session(self, session_id: str) -> Session:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise SessionError("unknown or expired session")
+            session.last_used = now
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def group(self, round_name: str, index: int) -> GroupSpec:
+        group = self.groups.get((round_name, index))
+        if group is None:
+            raise RoundError(f"no private group {round_name}/{index} in this artifact")
+        return group
+
+    def evaluate(self, session_id: str, round_name: str, index: int, payload: bytes) -> bytes:
+        session = self._session(session_id)
+        group = self.group(round_name, index)
+        start = time.perf_counter()
+        reply = self.backend.evaluate(group, payload, session.keys)
+        session.rounds += 1
+        log.debug("round", extra={"event": "round", "session": session_id[:8], "round": group.key,
+                                  "bytes_in": len(payload), "bytes_out": len(reply),
+                                  "ms": round(1000 * (time.perf_counter() - start), 2)})
+        return reply

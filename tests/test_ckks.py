@@ -32,6 +32,24 @@ def test_rotation_steps_are_the_minimal_set():
     smollm2 = ckks.layout(group(0, 576, (576, 192)), 4096)  # fused q+v: rank 16, d_pad 1024
     assert (smollm2.d_pad, smollm2.r_pad, smollm2.outputs) == (1024, 16, 1)
     assert smollm2.steps == set(range(1, 16)) | {16, 32, 64, 128, 256, 512}
+    assert (smollm2.block, smollm2.rows_per_ciphertext, chatglm2.rows_per_ciphertext) == (2048, 2, 1)
+
+
+def test_prompt_rows_share_ciphertexts():
+    g = group(0, 64, (64, 32))
+    build = ckks.compile([g], weights([g]), {})
+    client = ckks.Client(build.client_params)
+    server = ckks.Server(build.server_tensors, [g], build.public_params)
+    keys = server.open_session(client.evaluation_keys())
+    lay = ckks.layout(g, 4096)
+    assert lay.rows_per_ciphertext == 16  # block of 256 slots: 96 outputs + 15 + 63 read past them
+    x = torch.randn(20, 64)
+    request, state = client.encrypt(g, x)
+    assert len(unframe(request)) == 2
+    delta = client.decrypt(g, server.evaluate(g, request, keys), state)
+    expected = torch.cat([torch.from_numpy((x.double().numpy() @ a.T) @ b.T * 2.0)
+                          for a, b in (weights([g])[s.site_id] for s in g.sites)], -1)
+    assert ((delta.double() - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_one_key_set_whatever_the_number_of_layers():

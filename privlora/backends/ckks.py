@@ -62,7 +62,21 @@ class Layout:
     slots: int
 
     @property
+    def block(self) -> int:
+        """Slots per row. Several rows share a ciphertext when one row's whole computation stays
+        inside a power-of-two block: the outputs (d_out), plus the R - 1 positions the output
+        rotations read past them, plus the d_pad - 1 the rotate-and-sum reads past those. The
+        input is replicated across its block, so every position read holds the right value."""
+        need = _power_of_two(self.d_out + self.r_pad - 1 + self.d_pad - 1)
+        return need if need < self.slots else self.slots
+
+    @property
+    def rows_per_ciphertext(self) -> int:
+        return self.slots // self.block
+
+    @property
     def outputs(self) -> int:
+        """Reply ciphertexts per input ciphertext."""
         return math.ceil(self.d_out / self.slots)
 
     @property
@@ -185,28 +199,32 @@ class Client:
         lay = self._layout(group)
         rows = x.reshape(-1, group.d_in).double().numpy()
         scale = np.linalg.norm(rows, axis=1)  # unit-norm rows (see normalise); 0 for a zero row: decodes to 0
+        rows = np.pad(rows / np.where(scale > 0, scale, 1.0)[:, None], ((0, 0), (0, lay.d_pad - lay.d_in)))
         blobs = []
-        for row in rows / np.where(scale > 0, scale, 1.0)[:, None]:
-            slots = np.tile(np.pad(row, (0, lay.d_pad - lay.d_in)), lay.slots // lay.d_pad)
+        for start in range(0, len(rows), lay.rows_per_ciphertext):
+            chunk = rows[start:start + lay.rows_per_ciphertext]
+            slots = np.zeros((lay.rows_per_ciphertext, lay.block))
+            slots[:len(chunk)] = np.tile(chunk, lay.block // lay.d_pad)
             plain = seal.Plaintext()
-            self.encoder.encode(slots.tolist(), self.ctx.first_parms_id(), self.scale, plain)
+            self.encoder.encode(slots.reshape(-1).tolist(), self.ctx.first_parms_id(), self.scale, plain)
             blobs.append(sealx.to_bytes(self.encryptor.encrypt_symmetric(plain)))  # seeded: half size
         return frame(blobs), (scale, tuple(x.shape[:-1]))
+
+    def _decrypt_slots(self, blob: bytes) -> np.ndarray:
+        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
+        plain = seal.Plaintext()
+        self.decryptor.decrypt(ct, plain)
+        return np.asarray(self.encoder.decode_double(plain))
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> Tensor:
         scale, leading = state
         lay = self._layout(group)
-        blobs = unframe(reply, len(scale) * lay.outputs)
-        rows = []
-        for r in range(len(scale)):
-            values = []
-            for blob in blobs[r * lay.outputs:(r + 1) * lay.outputs]:
-                ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
-                plain = seal.Plaintext()
-                self.decryptor.decrypt(ct, plain)
-                values.append(np.asarray(self.encoder.decode_double(plain)))
-            rows.append(np.concatenate(values)[:lay.d_out])
-        u = np.stack(rows) if rows else np.zeros((0, lay.d_out))
+        inputs = math.ceil(len(scale) / lay.rows_per_ciphertext)
+        blobs = unframe(reply, inputs * lay.outputs)
+        values = [np.concatenate([self._decrypt_slots(b) for b in blobs[i * lay.outputs:(i + 1) * lay.outputs]])
+                  for i in range(inputs)]
+        u = np.stack([v.reshape(-1, lay.block)[:, :lay.d_out] if lay.rows_per_ciphertext > 1 else v[None, :lay.d_out]
+                      for v in values]).reshape(-1, lay.d_out)[:len(scale)] if values else np.zeros((0, lay.d_out))
         delta = u * scale[:, None] * self.betas[group.key]
         return torch.from_numpy(delta.astype(np.float32)).reshape(*leading, group.d_out)
 
@@ -231,9 +249,9 @@ class _Kernel:
         # D_j[i] = A[i mod R, (i + j) mod d_pad]; giant step g, baby step b: D_(gB+b) pre-rotated by -gB
         self.a_diagonals = [[encode_at(0, np.roll(a_pad[i % lay.r_pad, (i + g * lay.baby + b) % lay.d_pad], g * lay.baby),
                                        a_scale) for b in range(min(lay.baby, lay.r_pad))] for g in range(lay.giant)]
-        b_pad = np.zeros((lay.outputs * lay.slots, lay.r_pad))
+        b_pad = np.zeros((lay.outputs * lay.slots, lay.r_pad))  # zero past d_out: nothing leaks into the padding
         b_pad[:lay.d_out, :lay.rank] = b
-        self.b_diagonals = [[encode_at(1, np.roll(b_pad[m * lay.slots + i, (i + j) % lay.r_pad], j), b_scale)
+        self.b_diagonals = [[encode_at(1, np.roll(b_pad[m * lay.slots + i % lay.block, (i + j) % lay.r_pad], j), b_scale)
                              for j in range(lay.r_pad)]
                             for m in range(lay.outputs)]
 

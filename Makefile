@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/privlora demo
+	$(VENV)/bin/privlora demo --questions 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,56 +5,24 @@ their own keys are served at once, and bad requests get a 4xx without hurting th
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
-
 from conftest import write_tiny_adapter, write_tiny_llama
+from live import LiveServer
 from privlora.backends.base import PayloadError, unframe
 from privlora.compiler.driver import compile_artifact
 from privlora.models.loading import load_model
 from privlora.runtime.client import SecureClient, key_path, render_timings
 from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.http import BodyLimits, create_app
-from privlora.runtime.server import PrivateServer
+from privlora.runtime.http import BodyLimits
 from privlora.runtime.transport import HttpTransport, TransportError
 
 PROMPTS = ([3, 14, 15, 92, 65], [27, 18, 28])
 CONFIG = GenerationConfig(max_new_tokens=6)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving a PrivateServer in a background thread on a loopback port."""
-
-    def __init__(self, artifact, limits=BodyLimits()) -> None:
-        self.port = _free_port()
-        config = uvicorn.Config(create_app(PrivateServer(artifact), limits), host="127.0.0.1", port=self.port,
-                                log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 class RecordingTransport(HttpTransport):
@@ -79,7 +47,7 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     base = write_tiny_llama(root / "base")
     adapter = write_tiny_adapter(base, root / "adapter", ["q_proj", "v_proj"])
-    built = {name: compile_artifact(str(base), adapter, root / name, backend=name).artifact for name in ("ckks", "reference")}
+    built = {name: compile_artifact(str(base), adapter, root / name, backend=name).artifact for name in ("ckks", "concrete", "reference")}
     return base, adapter, built
 
 
@@ -157,6 +125,20 @@ def test_nothing_on_the_wire_is_plaintext(artifacts, live):
             client.close()
         assert activations and len(transport.wire) > 2
         assert any(_plaintext_in(payload, activations) for payload in transport.wire) == leaks, name
+
+
+def test_concrete_over_http_agreement(artifacts, live):
+    """TFHE with 8-bit inputs and 6-bit weights is an approximation of the float LoRA: report how
+    many greedy tokens agree with the plaintext model."""
+    client = SecureClient(artifacts[2]["concrete"], HttpTransport(live["concrete"].url), cache_keys=False)
+    try:
+        pairs = [(got, want) for prompt in PROMPTS
+                 for got, want in zip(generate(client, prompt, CONFIG), plaintext_tokens(artifacts, prompt))]
+    finally:
+        client.close()
+    agreement = sum(got == want for got, want in pairs) / len(pairs)
+    print(f"concrete greedy tokens agreeing with the plaintext model: {agreement:.0%} of {len(pairs)}")
+    assert len(pairs) == len(PROMPTS) * CONFIG.max_new_tokens and agreement >= 0.5
 
 
 def test_two_clients_with_their_own_keys_at_once(artifacts, live):

@@ -114,7 +114,10 @@ def test_evaluate_and_demo_commands(capsys):
     assert main(["evaluate", "--limit", "2", "--json"]) == 0
     rates = json.loads(capsys.readouterr().out)
     assert rates["base"]["questions"] == rates["adapted"]["questions"] == 2
-    assert main(["demo", "--questions", "1"]) == 0
+    # the demo's wiring (compile, in-process server, client, timing table) with the fast unencrypted
+    # backend; tests/test_secure_smollm2.py runs the same path with ckks encryption over HTTP
+    assert main(["demo", "--questions", "1", "--backend", "plain"]) == 0
     shown = capsys.readouterr().out
     first = load_qa(split="heldout")[0]
-    assert first.question in shown and "base model (" in shown and "fine-tuned (" in shown
+    assert first.question in shown and "base model (plaintext)" in shown and "fine-tuned, secure" in shown
+    assert "fine-tuned, plaintext" in shown and "decode (mean of" in shown

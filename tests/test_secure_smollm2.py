@@ -1,0 +1,36 @@
+"""Secure generation with SmolLM2 + the demo adapter over a real uvicorn server on 127.0.0.1,
+with real CKKS encryption: the greedy answer to a held-out demo question is token for token the
+plaintext fine-tuned model's."""
+
+from __future__ import annotations
+
+import pytest
+
+from live import LiveServer
+from privlora.cli import DEMO_ADAPTER
+from privlora.compiler.driver import compile_artifact
+from privlora.models.loading import load_model
+from privlora.models.tokenizer import encode_chat
+from privlora.qa import load_qa
+from privlora.runtime.client import SecureClient, render_timings
+from privlora.runtime.generation import GenerationConfig, generate
+from privlora.runtime.transport import HttpTransport
+
+pytestmark = pytest.mark.smollm2
+
+
+def test_secure_greedy_answer_equals_the_plaintext_fine_tuned_model(tmp_path, smollm2_dir):
+    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path / "artifact", backend="ckks")
+    tuned = load_model("smollm2", DEMO_ADAPTER)
+    question = load_qa(split="heldout")[0].question
+    prompt = encode_chat(tuned.tokenizer, question)
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=(tuned.tokenizer.eos_token_id,))
+    server = LiveServer(report.artifact)
+    try:
+        client = SecureClient(report.artifact, HttpTransport(server.url), cache_keys=False)
+        secure = list(generate(client, prompt, config))
+        client.close()
+    finally:
+        server.stop()
+    print(f"\n{question}\n-> {tuned.tokenizer.decode(secure)}\n{render_timings(client.steps)}")
+    assert secure == list(generate(tuned.model, prompt, config))

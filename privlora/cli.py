@@ -119,9 +119,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from privlora.runtime.http import serve
+    from privlora.runtime.server import SessionLimits
 
+    limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
+                           max_rows=args.max_rows or None, rate=args.rate, burst=args.burst)
     print(f"privlora server: {args.artifact} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level)
+    serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits)
     return 0
 
 
@@ -243,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("artifact", help="artifact directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--max-rows", type=int, default=1_000_000,
+                       help="query budget: rows of x one session may send in all (0: no budget)")
+    serve.add_argument("--rate", type=float, default=100.0, help="requests per second per session")
+    serve.add_argument("--burst", type=int, default=300, help="requests a session may send at once")
+    serve.add_argument("--max-sessions", type=int, default=64,
+                       help="sessions kept in memory (least recently used evicted first)")
+    serve.add_argument("--session-ttl", type=float, default=3600.0, help="seconds before an idle session expires")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="JSON log level on stderr (debug logs every round: sizes and timings, never payloads)")
 

@@ -9,7 +9,7 @@ import time
 import uvicorn
 
 from privlora.runtime.http import BodyLimits, create_app
-from privlora.runtime.server import PrivateServer
+from privlora.runtime.server import PrivateServer, SessionLimits
 
 
 def _free_port() -> int:
@@ -21,9 +21,9 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving a PrivateServer in a background thread on a loopback port."""
 
-    def __init__(self, artifact, limits=BodyLimits()) -> None:
+    def __init__(self, artifact, limits=BodyLimits(), session_limits=SessionLimits()) -> None:
         self.port = _free_port()
-        config = uvicorn.Config(create_app(PrivateServer(artifact), limits), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(create_app(PrivateServer(artifact, session_limits), limits), host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

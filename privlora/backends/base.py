@@ -11,7 +11,8 @@ A backend module provides:
   for every layer); ``secret_key() -> bytes`` is for the client's own key cache and never sent;
   ``encrypt(group, x) -> (request bytes, state)`` and ``decrypt(group, reply bytes, state) -> delta``;
 - ``Server(server_tensors, groups, public_params)`` with ``open_session(evaluation_keys) ->
-  session`` and ``evaluate(group, request bytes, session) -> reply bytes``.
+  session``, ``evaluate(group, request bytes, session) -> reply bytes`` and ``rows(group,
+  request bytes) -> int`` (how many rows of x a request carries, for the query budget).
 
 Requests, replies and keys are bytes so that every backend can use the same transport. A
 malformed one raises :class:`PayloadError`.
@@ -75,10 +76,25 @@ class KeylessClient:
 
 
 class KeylessServer:
+    """Session and row counting of the backends whose requests are .npy arrays of rows."""
+
     def open_session(self, evaluation_keys: bytes) -> None:
         if evaluation_keys:
             raise PayloadError("this backend takes no evaluation keys")
         return None
+
+    def rows(self, group: GroupSpec, request: bytes) -> int:
+        """Rows of the request, from the .npy header only."""
+        stream = io.BytesIO(request)
+        try:
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(stream)
+        except (ValueError, OSError, EOFError) as exc:
+            raise PayloadError(f"malformed payload: {exc}") from None
+        if len(shape) != 2:
+            raise PayloadError(f"expected a 2-D array, got shape {shape}")
+        return int(shape[0])
 
 
 def groups_from_rounds(rounds: list[dict[str, Any]]) -> list[GroupSpec]:

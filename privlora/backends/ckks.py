@@ -338,6 +338,9 @@ class Server:
         ev.add_inplace(out, zero)
         return sealx.to_bytes(out)
 
+    def rows(self, group: GroupSpec, request: bytes) -> int:
+        return len(unframe(request)) * self.kernels[group.key].layout.rows_per_ciphertext
+
     def evaluate(self, group: GroupSpec, request: bytes, session: Session) -> bytes:
         kernel = self.kernels[group.key]
         rows = [self._load_input(blob) for blob in unframe(request)]

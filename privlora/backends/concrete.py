@@ -210,6 +210,9 @@ class Server:
         error = discrete_gaussian(self.rng, self.params.sigma, self.params.error_bound, shape.d_out)
         return error + self.rng.integers(0, 2, shape.d_out) * 2**shape.bits
 
+    def rows(self, group: GroupSpec, request: bytes) -> int:
+        return len(unframe(request))
+
     def evaluate(self, group: GroupSpec, request: bytes, session) -> bytes:
         fhe = _fhe()
         shape, a_t, b_t = self.groups[group.key]

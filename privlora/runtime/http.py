@@ -8,6 +8,9 @@ Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"
 - ``POST /v1/sessions/{id}/rounds/{round}/{group}``: body = the encrypted group input -> the
   encrypted reply.
 
+Status codes: 400 malformed ciphertext or keys, 403 query budget used up, 404 unknown or
+expired session or round, 413 body too large, 429 rate limit (with ``Retry-After``).
+
 Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
 several sessions are served at once. A bad request gets a 4xx and changes nothing.
 """
@@ -24,7 +27,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from privlora.backends.base import PayloadError
-from privlora.runtime.server import PrivateServer, RoundError, SessionError
+from privlora.runtime.server import (BudgetError, PrivateServer, RateLimitError, RoundError, SessionError,
+                                     SessionLimits)
 from privlora.runtime.transport import API
 
 log = logging.getLogger("privlora.server")
@@ -70,6 +74,14 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
     @app.exception_handler(RoundError)
     async def unknown_round(request: Request, exc: RoundError) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(RateLimitError)
+    async def rate_limited(request: Request, exc: RateLimitError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=429, headers={"retry-after": "1"})
+
+    @app.exception_handler(BudgetError)
+    async def budget(request: Request, exc: BudgetError) -> JSONResponse:
+        return error(403, str(exc))
 
     @app.exception_handler(PayloadError)
     async def bad_payload(request: Request, exc: PayloadError) -> JSONResponse:
@@ -124,10 +136,11 @@ def configure_logging(level: str = "info") -> None:
     logger.propagate = False
 
 
-def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          limits: SessionLimits = SessionLimits()) -> None:
     import uvicorn
 
     configure_logging(log_level)
-    server = PrivateServer(artifact)
+    server = PrivateServer(artifact, limits)
     # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)

@@ -4,7 +4,7 @@
 in-process transport calls it directly, so both paths run the same code. It loads the server
 bundle only. Each client session holds that client's evaluation keys, with an idle expiry and
 a bound on the number of sessions and on their total key bytes (least recently used first out).
-Logs carry event names, session ids, round names, sizes and timings: never payloads, keys or
+Each session also has a query budget (rows of x sent) and a request rate limit. Logs carry event names, session ids, round names, sizes and timings: never payloads, keys or
 plaintext.
 """
 
@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,25 @@ class RoundError(PrivloraError):
     """The round or group named by a request does not exist in this artifact."""
 
 
+class RateLimitError(PrivloraError):
+    """The session sends requests faster than its rate limit."""
+
+
+class BudgetError(PrivloraError):
+    """The session has used up its query budget."""
+
+
 @dataclass(frozen=True)
 class SessionLimits:
     idle_seconds: float = 3600.0  # a session unused this long is dropped
     max_sessions: int = 64
     max_key_bytes: int = 2 * 1024**3  # total evaluation-key bytes held for all sessions
+    # Rows of x (queries of a LoRA map) a session may send in all. Extraction of a site's dW
+    # needs about d_in rows (docs/security.md); a 100-token answer to a 50-token prompt uses 150
+    # rows per group. None: no budget.
+    max_rows: int | None = 1_000_000
+    rate: float = 100.0  # requests per second per session, sustained
+    burst: int = 300  # requests a session may send at once before the rate applies
 
 
 @dataclass
@@ -52,7 +66,9 @@ class Session:
     created: float
     last_used: float
     rounds: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    rows: int = 0
+    allowance: float = 0.0  # token bucket for the rate limit
+    refilled: float = 0.0
 
 
 def artifact_id(root: str | Path) -> str:
@@ -87,7 +103,8 @@ class PrivateServer:
         now = time.monotonic()
         with self._lock:
             self._expire(now)
-            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now)
+            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now,
+                                                 allowance=float(self.limits.burst), refilled=now)
             self._evict()
         log.info("session opened", extra={"event": "open", "session": session_id[:8], "key_bytes": len(evaluation_keys)})
         return session_id
@@ -127,9 +144,27 @@ class PrivateServer:
             raise RoundError(f"no private group {round_name}/{index} in this artifact")
         return group
 
+    def _admit(self, session_id: str, session: Session, rows: int) -> None:
+        """Rate limit (token bucket) and query budget; raises before any work is done."""
+        with self._lock:
+            now = time.monotonic()
+            session.allowance = min(float(self.limits.burst),
+                                    session.allowance + (now - session.refilled) * self.limits.rate)
+            session.refilled = now
+            if session.allowance < 1.0:
+                log.info("rate limited", extra={"event": "rate_limit", "session": session_id[:8]})
+                raise RateLimitError(f"too many requests: at most {self.limits.rate:g} per second per session")
+            if self.limits.max_rows is not None and session.rows + rows > self.limits.max_rows:
+                log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8]})
+                raise BudgetError(f"query budget exhausted: {session.rows} of {self.limits.max_rows} rows used; "
+                                  "open a new session")
+            session.allowance -= 1.0
+            session.rows += rows
+
     def evaluate(self, session_id: str, round_name: str, index: int, payload: bytes) -> bytes:
         session = self._session(session_id)
         group = self.group(round_name, index)
+        self._admit(session_id, session, self.backend.rows(group, payload))
         start = time.perf_counter()
         reply = self.backend.evaluate(group, payload, session.keys)
         session.rounds += 1

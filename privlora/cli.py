@@ -165,6 +165,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from privlora.loadtest import run_load, wait_for_server
+
+    server = None
+    url = args.server
+    if url is None:  # a separate server process, so that its memory figure is its own
+        url = f"http://127.0.0.1:{args.port}"
+        server = subprocess.Popen([sys.executable, "-m", "privlora.cli", "serve", args.artifact, "--port", str(args.port),
+                                   "--log-level", "warning"])
+    try:
+        wait_for_server(url)
+        report = run_load(args.artifact, url, args.clients, args.tokens)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    print(report.summary())
+    return 0 if not report.failures else 1
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from privlora.attack import demo_site, extraction_table, quality_table, render_extraction
+
+    _, _, _, name = demo_site()
+    results = extraction_table(args.sigmas, args.queries)
+    print(f"extraction of the demo adapter's {name} (576 -> 192, r = 8): relative error of the recovered map "
+          "by number of chosen queries ('ex': recovered exactly)")
+    print(render_extraction(results))
+    document = {"site": name, "extraction": [r.to_json() for r in results]}
+    if args.quality:
+        quality = quality_table(args.sigmas)
+        print("\nmodel quality through the plain backend: greedy agreement with the plaintext fine-tuned model")
+        for row in quality:
+            print(f"sigma {row['sigma']:<8g} token agreement {row['token_agreement']:.1%}, "
+                  f"identical answers {row['identical_answers']}/{row['questions']}")
+        document["quality"] = quality
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from privlora.bench import CASES, bench_site, render
 
@@ -272,6 +316,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-key-cache", action="store_true",
                      help="fresh keys for this run instead of the per-artifact key cache")
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+    load = command("loadtest", cmd_loadtest,
+                   "K concurrent clients with their own keys generate M tokens each over HTTP on loopback")
+    load.add_argument("artifact", help="artifact directory")
+    load.add_argument("--server", default=None, metavar="URL",
+                      help="server to load (default: start one in this process on 127.0.0.1)")
+    load.add_argument("--port", type=int, default=8123, help="port of the in-process server")
+    load.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    load.add_argument("--tokens", type=int, default=8, help="tokens each client generates")
+
+    attack = command("attack", cmd_attack, "measure what a malicious client can extract from a LoRA site")
+    attack_kinds = attack.add_subparsers(dest="attack", metavar="ATTACK", required=True)
+    extract = attack_kinds.add_parser("extract", formatter_class=_formatter,
+                                      help="chosen-input extraction of the demo adapter's layer-0 v_proj",
+                                      description="A client with its own keys queries one site with chosen inputs and "
+                                                  "fits the private map; error against queries and PLL sigma.")
+    extract.set_defaults(handler=cmd_attack)
+    extract.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 3.2, 100.0, 1000.0, 10000.0],
+                         help="PLL error standard deviations (integer units) to try")
+    extract.add_argument("--queries", type=int, nargs="+", default=[144, 288, 576, 1152, 2304],
+                         help="numbers of chosen queries (d_in is 576)")
+    extract.add_argument("--quality", action="store_true",
+                         help="also measure each sigma's cost in model quality (compiles SmolLM2 per sigma)")
+    extract.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
     bench = command("bench", cmd_bench,
                     "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")

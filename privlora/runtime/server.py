@@ -11,6 +11,7 @@ plaintext.
 from __future__ import annotations
 
 import logging
+import resource
 import secrets
 import threading
 import time
@@ -95,7 +96,8 @@ class PrivateServer:
 
     def info(self) -> dict[str, Any]:
         return {"artifact": self.artifact_id, "backend": self.backend_name, "sessions": len(self._sessions),
-                "groups": len(self.groups)}
+                "groups": len(self.groups), "session_key_bytes": sum(s.key_bytes for s in self._sessions.values()),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def open_session(self, evaluation_keys: bytes) -> str:
         keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes

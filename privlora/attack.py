@@ -124,3 +124,41 @@ def render_extraction(results: list[ExtractionResult]) -> str:
             cells.append(f"{r.relative_error:>9.1e}{' ex' if r.exact else '   '}")
         lines.append(f"{variant:<24} {sigma:<8g} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def render_svg(results: list[ExtractionResult], variant: str = "reply") -> str:
+    """A log-log line chart (SVG, no plotting library) of error against queries, one line per sigma."""
+    rows = [r for r in results if r.variant == variant]
+    width, height, margin = 640, 400, 60
+    xs = sorted({r.queries for r in rows})
+    low, high = -16.0, 1.0  # log10 of the relative error axis
+
+    def px(queries: int) -> float:
+        span = np.log2(xs[-1]) - np.log2(xs[0]) or 1.0
+        return margin + (np.log2(queries) - np.log2(xs[0])) / span * (width - 2 * margin)
+
+    def py(error: float) -> float:
+        value = min(max(np.log10(max(error, 1e-16)), low), high)
+        return height - margin - (value - low) / (high - low) * (height - 2 * margin)
+
+    colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{width / 2}" y="20" text-anchor="middle">extraction of one site: relative error of the '
+             f'recovered map ({variant})</text>',
+             f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+             f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">chosen queries (d_in = 576)</text>']
+    for q in xs:
+        parts.append(f'<text x="{px(q):.0f}" y="{height - margin + 16}" text-anchor="middle">{q}</text>')
+    for exponent in range(int(low), int(high) + 1, 3):
+        parts.append(f'<text x="{margin - 6}" y="{py(10.0**exponent) + 4:.0f}" text-anchor="end">1e{exponent}</text>')
+    for color, sigma in zip(colors, sorted({r.sigma for r in rows})):
+        line = sorted((r for r in rows if r.sigma == sigma), key=lambda r: r.queries)
+        points = " ".join(f"{px(r.queries):.1f},{py(r.relative_error):.1f}" for r in line)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+        label = line[-1]
+        parts.append(f'<text x="{px(label.queries) + 4:.0f}" y="{py(label.relative_error):.0f}" fill="{color}">'
+                     f'sigma {sigma:g}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

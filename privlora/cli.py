@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from privlora.runtime.server import SessionLimits
 
     limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
-                           max_rows=args.max_rows or None, rate=args.rate, burst=args.burst)
+                           max_rows=args.max_rows or None, rate=args.rate or None, burst=args.burst)
     print(f"privlora server: {args.artifact} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits)
     return 0
@@ -132,10 +132,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from privlora.models.tokenizer import encode_chat, load_tokenizer
     from privlora.runtime.client import SecureClient, render_timings
     from privlora.runtime.generation import GenerationConfig, generate
-    from privlora.runtime.server import PrivateServer
+    from privlora.runtime.server import LOCAL, PrivateServer
     from privlora.runtime.transport import HttpTransport, InProcessTransport
 
-    transport = HttpTransport(args.server) if args.server else InProcessTransport(PrivateServer(args.artifact))
+    transport = HttpTransport(args.server) if args.server else InProcessTransport(PrivateServer(args.artifact, LOCAL))
     if args.backend_check:
         info = transport.info()
         print(f"server: backend {info['backend']}, artifact {info['artifact'][:16]}, {info['sessions']} open sessions",
@@ -188,7 +188,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from privlora.attack import demo_site, extraction_table, quality_table, render_extraction
+    from privlora.attack import demo_site, extraction_table, quality_table, render_extraction, render_svg
 
     _, _, _, name = demo_site()
     results = extraction_table(args.sigmas, args.queries)
@@ -196,6 +196,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
           "by number of chosen queries ('ex': recovered exactly)")
     print(render_extraction(results))
     document = {"site": name, "extraction": [r.to_json() for r in results]}
+    if args.plot:
+        Path(args.plot).write_text(render_svg(results))
+        print(f"wrote {args.plot}")
     if args.quality:
         quality = quality_table(args.sigmas)
         print("\nmodel quality through the plain backend: greedy agreement with the plaintext fine-tuned model")
@@ -292,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-rows", type=int, default=1_000_000,
                        help="query budget: rows of x one session may send in all (0: no budget)")
-    serve.add_argument("--rate", type=float, default=100.0, help="requests per second per session")
-    serve.add_argument("--burst", type=int, default=300, help="requests a session may send at once")
+    serve.add_argument("--rate", type=float, default=500.0, help="requests per second per session (0: no limit)")
+    serve.add_argument("--burst", type=int, default=1000, help="requests a session may send at once")
     serve.add_argument("--max-sessions", type=int, default=64,
                        help="sessions kept in memory (least recently used evicted first)")
     serve.add_argument("--session-ttl", type=float, default=3600.0, help="seconds before an idle session expires")
@@ -340,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--quality", action="store_true",
                          help="also measure each sigma's cost in model quality (compiles SmolLM2 per sigma)")
     extract.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    extract.add_argument("--plot", default=None, metavar="PATH", help="also draw the reply's error curves as SVG")
 
     bench = command("bench", cmd_bench,
                     "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")

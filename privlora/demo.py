@@ -22,7 +22,7 @@ from privlora.models.cache import cache_root
 from privlora.models.loading import load_model
 from privlora.qa import load_qa, states_fact
 from privlora.runtime.client import SecureClient, render_timings
-from privlora.runtime.server import PrivateServer
+from privlora.runtime.server import LOCAL, PrivateServer
 from privlora.runtime.transport import InProcessTransport
 
 ANSWER_TOKENS = 32
@@ -60,7 +60,7 @@ def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") ->
     print(f"base model: {plain.base_path}")
     print(f"adapter:    {adapter} (rank {tuned.adapter.rank}, {len(tuned.lora_sites)} LoRA sites)")
     artifact = demo_artifact(base, adapter, backend)
-    client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact)))
+    client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact, LOCAL)))
     print(f"secure:     backend {backend}, in-process server on the server bundle, keys cached per artifact\n")
     secure_seconds = plain_seconds = 0.0
     secure_tokens = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privlora.attack import ExtractionResult, extract, render_extraction
+from privlora.attack import ExtractionResult, extract, render_extraction, render_svg
 from privlora.backends.pll import PLLParams, quantize_site
 
 
@@ -33,5 +33,8 @@ def test_the_mask_hides_the_intermediate_and_large_error_blocks_exact_recovery()
 
 
 def test_render():
-    table = render_extraction([ExtractionResult("reply", 0.0, 32, 1e-15, True), ExtractionResult("reply", 0.0, 64, 1e-16, True)])
-    assert "reply" in table and " ex" in table
+    results = [ExtractionResult("reply", sigma, q, 10.0 ** -q, False) for sigma in (0.0, 3.2) for q in (2, 4)]
+    table = render_extraction(results)
+    assert "reply" in table and "1.0e-04" in table
+    svg = render_svg(results)
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "sigma 3.2" in svg

@@ -28,7 +28,7 @@ from privlora.compiler.plan import Plan, PlanStep, run_plan
 from privlora.files import read_json
 from privlora.models.cache import cache_root
 from privlora.runtime.onnx_runtime import Segment
-from privlora.runtime.server import PrivateServer, artifact_id
+from privlora.runtime.server import LOCAL, PrivateServer, artifact_id
 from privlora.runtime.transport import InProcessTransport, Transport
 
 
@@ -134,7 +134,7 @@ class SecureClient:
 
 def open_local(artifact: str | Path, cache_keys: bool = False) -> SecureClient:
     """Client and an in-process server on one artifact (the embedded default; tests)."""
-    return SecureClient(artifact, InProcessTransport(PrivateServer(artifact)), cache_keys=cache_keys)
+    return SecureClient(artifact, InProcessTransport(PrivateServer(artifact, LOCAL)), cache_keys=cache_keys)
 
 
 def _mb(n: float) -> str:

@@ -129,13 +129,13 @@ def render_extraction(results: list[ExtractionResult]) -> str:
 def render_svg(results: list[ExtractionResult], variant: str = "reply") -> str:
     """A log-log line chart (SVG, no plotting library) of error against queries, one line per sigma."""
     rows = [r for r in results if r.variant == variant]
-    width, height, margin = 640, 400, 60
+    width, height, margin, legend = 720, 400, 60, 110  # legend: room for the labels on the right
     xs = sorted({r.queries for r in rows})
     low, high = -16.0, 1.0  # log10 of the relative error axis
 
     def px(queries: int) -> float:
         span = np.log2(xs[-1]) - np.log2(xs[0]) or 1.0
-        return margin + (np.log2(queries) - np.log2(xs[0])) / span * (width - 2 * margin)
+        return margin + (np.log2(queries) - np.log2(xs[0])) / span * (width - margin - legend)
 
     def py(error: float) -> float:
         value = min(max(np.log10(max(error, 1e-16)), low), high)
@@ -146,7 +146,7 @@ def render_svg(results: list[ExtractionResult], variant: str = "reply") -> str:
              'font-size="12"><rect width="100%" height="100%" fill="white"/>',
              f'<text x="{width / 2}" y="20" text-anchor="middle">extraction of one site: relative error of the '
              f'recovered map ({variant})</text>',
-             f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+             f'<line x1="{margin}" y1="{height - margin}" x2="{width - legend}" y2="{height - margin}" stroke="black"/>',
              f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
              f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">chosen queries (d_in = 576)</text>']
     for q in xs:

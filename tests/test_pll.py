@@ -101,6 +101,9 @@ def test_discrete_gaussian_has_the_requested_spread():
     samples = discrete_gaussian(SystemRandom(), 3.2, 39, 20000)
     assert np.abs(samples).max() <= 39
     assert abs(samples.mean()) < 0.15 and abs(samples.std() - 3.2) < 0.15
+    wide = discrete_gaussian(SystemRandom(), 1e6, 12_000_000, 20000)  # the rounded-continuous branch
+    assert wide.dtype == np.int64 and np.abs(wide).max() <= 12_000_000
+    assert abs(wide.mean()) < 0.03e6 and abs(wide.std() - 1e6) < 0.03e6
 
 
 def test_system_random_is_uniform_without_bias():

@@ -19,6 +19,7 @@ generator is passed (tests only).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -137,14 +138,29 @@ def encode_input(x: np.ndarray, x_bits: int) -> tuple[np.ndarray, np.ndarray]:
     return _symmetric(np.asarray(x, dtype=np.float64), x_bits)
 
 
-def discrete_gaussian(rng: RandomSource, sigma: float, bound: int, size: int) -> np.ndarray:
-    """Samples of the discrete Gaussian on [-bound, bound] by inversion: one 53-bit uniform per
-    sample looked up in the cumulative table (each probability exact to about 2^-53)."""
-    if sigma == 0 or size == 0:
-        return np.zeros(size, dtype=np.int64)
+LARGE_SIGMA = 64.0  # above this, a rounded continuous Gaussian is used (see discrete_gaussian)
+
+
+@functools.lru_cache(maxsize=16)
+def _cumulative_table(sigma: float, bound: int) -> tuple[np.ndarray, np.ndarray]:
     support = np.arange(-bound, bound + 1, dtype=np.int64)
     weights = np.exp(-(support.astype(np.float64) ** 2) / (2 * sigma**2))
-    cumulative = np.cumsum(weights) / weights.sum()
+    return support, np.cumsum(weights) / weights.sum()
+
+
+def discrete_gaussian(rng: RandomSource, sigma: float, bound: int, size: int) -> np.ndarray:
+    """Samples of the discrete Gaussian on [-bound, bound]. Up to ``LARGE_SIGMA``: by inversion,
+    one 53-bit uniform per sample looked up in the cumulative table (each probability exact to
+    about 2^-53). Above it the table would be huge (24 M entries at sigma 10^6), and a rounded
+    continuous Gaussian (Box-Muller on the same uniforms) is statistically indistinguishable
+    from the discrete one at such widths; it is cut at the same bound."""
+    if sigma == 0 or size == 0:
+        return np.zeros(size, dtype=np.int64)
+    if sigma > LARGE_SIGMA:
+        u1, u2 = rng.random(size), rng.random(size)
+        normal = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)  # log1p(-u): u may be 0, never 1
+        return np.clip(np.rint(sigma * normal), -bound, bound).astype(np.int64)
+    support, cumulative = _cumulative_table(float(sigma), int(bound))
     index = np.searchsorted(cumulative, rng.random(size), side="right")
     return support[np.minimum(index, support.size - 1)]
 

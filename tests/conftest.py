@@ -39,11 +39,23 @@ def write_tiny_llama(directory: Path, seed: int = 0, **overrides: Any) -> Path:
     return directory
 
 
+def write_tiny_qwen2(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random-weight transformers Qwen2ForCausalLM checkpoint (q/k/v biases included)."""
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in TINY_LLAMA.items() if k != "head_dim"}  # Qwen2 derives head_dim
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**fields, **overrides}))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
 def write_tiny_adapter(base_dir: Path, directory: Path, targets: list[str], rank: int = 4,
                        alpha: float = 8.0, seed: int = 1, **lora: Any) -> Path:
     """Save a peft LoRA adapter with random (non-zero) A and B for the checkpoint at base_dir."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM.from_pretrained(str(base_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **lora)
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(directory), safe_serialization=True)

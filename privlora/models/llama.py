@@ -53,7 +53,8 @@ class LlamaConfig:
     rms_norm_eps: float
     rope_theta: float
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    qkv_bias: bool = False  # q_proj, k_proj, v_proj (Llama: attention_bias; Qwen2: always)
+    o_bias: bool = False  # o_proj (Llama: attention_bias; Qwen2: never)
     mlp_bias: bool = False
 
     @classmethod
@@ -82,7 +83,8 @@ class LlamaConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=hf.get("rope_theta", 10000.0),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", False),
+            qkv_bias=hf.get("attention_bias", False),
+            o_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
         )
 
@@ -143,11 +145,11 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        hidden, bias = config.hidden_size, config.attention_bias
+        hidden, bias = config.hidden_size, config.qkv_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
 
     def _heads(self, x: Tensor, count: int) -> Tensor:
         """[B, S, count*D] -> [B, count, S, D]."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from privlora.errors import UnsupportedModelError
-from privlora.models import llama
+from privlora.models import llama, qwen2
 
-ARCHITECTURES: dict[str, ModuleType] = {llama.MODEL_TYPE: llama}
+ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (llama, qwen2)}
 
 
 def architecture(model_type: str | None) -> ModuleType:

@@ -1,0 +1,36 @@
+"""Qwen2 (Hugging Face ``Qwen2ForCausalLM``): the Llama decoder with biases on q/k/v only.
+
+Everything else (RMSNorm, rotary embedding, GQA attention, SwiGLU MLP, the KV-cache step
+signature) is the Llama definition's, so this module is only the configuration mapping.
+Sliding-window attention is rejected (off in the released Qwen2 configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import Tensor
+
+from privlora.errors import UnsupportedModelError
+from privlora.models import llama
+
+MODEL_TYPE = "qwen2"
+LORA_TARGETS = llama.LORA_TARGETS
+
+
+def config_from_hf(hf: dict[str, Any]) -> llama.LlamaConfig:
+    if hf.get("model_type") != MODEL_TYPE:
+        raise UnsupportedModelError(f"expected model_type 'qwen2', got {hf.get('model_type')!r}")
+    if hf.get("use_sliding_window"):
+        raise UnsupportedModelError("Qwen2 sliding-window attention is not supported")
+    base = llama.LlamaConfig.from_hf({**hf, "model_type": llama.MODEL_TYPE, "attention_bias": False, "mlp_bias": False})
+    return dataclasses.replace(base, qkv_bias=True, o_bias=False)
+
+
+def build(hf_config: dict[str, Any]) -> llama.LlamaForCausalLM:
+    return llama.LlamaForCausalLM(config_from_hf(hf_config))
+
+
+def adapt_state_dict(model: llama.LlamaForCausalLM, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return llama.adapt_state_dict(model, state)

@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from privlora.runtime.http import BodyLimits, create_app
+from privlora.runtime.http import KEEP_ALIVE_SECONDS, BodyLimits, create_app
 from privlora.runtime.server import PrivateServer, SessionLimits
 
 
@@ -24,7 +24,7 @@ class LiveServer:
     def __init__(self, artifact, limits=BodyLimits(), session_limits=SessionLimits()) -> None:
         self.port = _free_port()
         config = uvicorn.Config(create_app(PrivateServer(artifact, session_limits), limits), host="127.0.0.1", port=self.port,
-                                log_level="warning", access_log=False)
+                                log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

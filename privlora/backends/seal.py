@@ -6,8 +6,10 @@ Kept apart from the ``ckks`` backend so that the kernel reads as the algorithm, 
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,25 +68,27 @@ def galois_elements(steps: Iterable[int], poly_modulus_degree: int) -> list[int]
 
 class _Scratch:
     """A private temporary directory for the file-only save/load of the bindings (in memory on
-    Linux where /dev/shm exists)."""
+    Linux where /dev/shm exists). Names are unique across threads: a server evaluates several
+    sessions at once, and two calls must never share a file."""
 
     def __init__(self) -> None:
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self._dir = tempfile.TemporaryDirectory(prefix="privlora-seal-", dir=root)
-        self._count = 0
+        self._count = itertools.count()  # next() on a count is atomic under the GIL
 
     def path(self) -> str:
-        self._count += 1
-        return str(Path(self._dir.name) / f"{os.getpid()}-{id(self)}-{self._count}.bin")
+        return str(Path(self._dir.name) / f"{os.getpid()}-{threading.get_ident()}-{next(self._count)}.bin")
 
 
 _SCRATCH: _Scratch | None = None
+_SCRATCH_LOCK = threading.Lock()
 
 
 def _scratch_path() -> str:
     global _SCRATCH
-    if _SCRATCH is None:
-        _SCRATCH = _Scratch()
+    with _SCRATCH_LOCK:
+        if _SCRATCH is None:
+            _SCRATCH = _Scratch()
     return _SCRATCH.path()
 
 

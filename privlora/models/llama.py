@@ -20,7 +20,6 @@ with caches shaped ``[num_layers, batch, num_kv_heads, cache_len, head_dim]``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from privlora.errors import UnsupportedModelError
+from privlora.models.layers import MASKED_SCORE, RMSNorm, attend, attention_allowed  # noqa: F401 (re-exported)
 
 MODEL_TYPE = "llama"
-
-# Score of a key a query may not attend to (the model runs in float32; a constant keeps the
-# graph free of dtype-dependent Python).
-MASKED_SCORE = torch.finfo(torch.float32).min
 
 # Linear layers a LoRA adapter may target, by their Hugging Face names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,24 +85,6 @@ class LlamaConfig:
         )
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm in float32. ``x / sqrt(.)`` rather than transformers'
-    ``x * rsqrt(.)``: ONNX has no Rsqrt, and the exporter's Sqrt + Reciprocal rounds twice, which
-    SmolLM2's large activations amplify to 1.2e-4 on the logits. Sqrt + Div rounds the same
-    way in torch and ONNX Runtime (8.9e-5); transformers parity stays within 1e-4."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
 class RotaryEmbedding(nn.Module):
     """RoPE cos/sin tables computed from explicit position ids (no cached max length)."""
 
@@ -129,14 +107,6 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
-
-
-def attention_allowed(position_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Boolean ``[B, 1, S, T]`` mask: query i may read key j when j is a real token at a position
-    not after i. Key positions come from the mask's running count, so left padding works."""
-    key_positions = attention_mask.cumsum(-1) - 1
-    causal = key_positions.unsqueeze(1) <= position_ids.unsqueeze(-1)  # [B, S, T]
-    return (causal & attention_mask.bool().unsqueeze(1)).unsqueeze(1)
 
 
 class LlamaAttention(nn.Module):
@@ -164,13 +134,7 @@ class LlamaAttention(nn.Module):
         present_k = torch.cat((past_k, k), dim=2)
         present_v = torch.cat((past_v, v), dim=2)
         groups = self.num_heads // self.num_kv_heads
-        keys = present_k.repeat_interleave(groups, dim=1)
-        values = present_v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~allowed, MASKED_SCORE)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values).transpose(1, 2).flatten(2)
-        return self.o_proj(out), present_k, present_v
+        return self.o_proj(attend(q, present_k, present_v, allowed, groups, self.head_dim)), present_k, present_v
 
 
 class LlamaMLP(nn.Module):

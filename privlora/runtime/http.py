@@ -40,6 +40,11 @@ class BodyLimits:
     round: int = 256 * 1024**2  # one group's request (a long prompt's prefill has a ciphertext per token)
 
 
+# A client pauses between rounds while it runs the public segments and decrypts; uvicorn's
+# default of 5 s would close its connection under load (seen as "connection reset" in CI).
+KEEP_ALIVE_SECONDS = 120
+
+
 class _TooLarge(Exception):
     pass
 
@@ -143,4 +148,5 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: s
     configure_logging(log_level)
     server = PrivateServer(artifact, limits)
     # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=KEEP_ALIVE_SECONDS)

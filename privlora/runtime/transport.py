@@ -57,11 +57,18 @@ class HttpTransport:
     def _request(self, method: str, path: str, content: bytes | None = None):
         import httpx
 
-        try:
-            response = self.client.request(method, path, content=content,
-                                           headers={"content-type": "application/octet-stream"} if content is not None else None)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
+        headers = {"content-type": "application/octet-stream"} if content is not None else None
+        for attempt in range(2):
+            try:
+                response = self.client.request(method, path, content=content, headers=headers)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # A kept-alive connection the server closed as we reused it. Every request here may
+                # be sent again: a round is answered afresh, a key upload opens another session.
+                if attempt:
+                    raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("error", response.text)

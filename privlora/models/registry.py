@@ -9,9 +9,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from privlora.errors import UnsupportedModelError
-from privlora.models import llama, qwen2
+from privlora.models import chatglm2, llama, qwen2
 
-ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (llama, qwen2)}
+ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (llama, qwen2, chatglm2)}
 
 
 def architecture(model_type: str | None) -> ModuleType:

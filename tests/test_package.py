@@ -24,11 +24,15 @@ def test_import_has_no_side_effects(tmp_path):
 
 def test_help_lists_the_commands():
     result = subprocess.run([str(PRIVLORA), "--help"], capture_output=True, text=True, check=True)
-    for command in ("prepare", "finetune", "evaluate", "demo"):
+    for command in COMMANDS:
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["prepare", "finetune", "evaluate", "demo"])
+COMMANDS = ["prepare", "finetune", "evaluate", "compile", "inspect", "serve", "generate", "loadtest", "attack",
+            "bench", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])

@@ -54,9 +54,9 @@ def test_report_and_manifest(compiled):
     first = manifest["segments"][0]
     past = next(spec for spec in first["inputs"] if spec["name"] == "past_keys")
     assert past["dtype"] == "float32" and isinstance(past["shape"][3], str)  # dynamic cache length
-    assert all(entry["sha256"] and entry["bundle"] in ("client", "server") for entry in manifest["files"].values())
+    assert all(entry["sha256"] and entry["bundle"] in ("client", "server", "ir") for entry in manifest["files"].values())
     listed = set(manifest["files"])
-    on_disk = {p.relative_to(report.artifact).as_posix() for b in ("client", "server")
+    on_disk = {p.relative_to(report.artifact).as_posix() for b in ("client", "server", "ir")
                for p in (report.artifact / b).rglob("*") if p.is_file()}
     assert listed == on_disk
 
@@ -140,6 +140,9 @@ def test_compile_refuses_to_overwrite_and_cli_reports(compiled, tmp_path, capsys
     assert main(["compile", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "a2"),
                  "--dump-ir", str(dumps), "--debug"]) == 0
     assert (dumps / "summary.json").is_file() and (dumps / "05-partition.py").is_file()
+    (tmp_path / "a2" / "ir" / "03-fuse_pll.txt").write_text("edited by hand")  # the IR is hashed too
+    assert main(["inspect", str(tmp_path / "a2"), "--ir", "fuse_pll"]) == 2
+    assert "corrupted" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["plain", "ckks", "concrete"])

@@ -94,3 +94,9 @@ def test_inputs_at_the_wrong_scale_or_level_are_refused(session):
 def test_parameters_outside_seal_security_bound_are_refused():
     with pytest.raises(ValueError, match="invalid CKKS parameters"):
         sealx.context(sealx.CKKSParameters(coeff_bits=(60, 60, 60, 60)))
+
+
+def test_unknown_options_are_refused():
+    g = group(0, 64, (64, 32))
+    with pytest.raises(ckks.PLLError, match="unknown ckks options"):
+        ckks.compile([g], weights([g]), {"sigmaa": 1.0})

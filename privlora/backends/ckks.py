@@ -139,6 +139,10 @@ def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]
 def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
             options: dict[str, Any]) -> BackendBuild:
     options = dict(options)
+    unknown = set(options) - set(FloodParams.__dataclass_fields__) - set(sealx.CKKSParameters.__dataclass_fields__)
+    if unknown:
+        raise PLLError(f"unknown ckks options {sorted(unknown)} (known: precision_bits, sigma, tail, "
+                       "poly_modulus_degree, coeff_bits, scale_bits, a_scale_bits)")
     flood = FloodParams(**{k: options.pop(k) for k in list(options) if k in FloodParams.__dataclass_fields__})
     params = sealx.CKKSParameters(**{k: tuple(v) if k == "coeff_bits" else v for k, v in options.items()})
     sealx.context(params)  # validate the parameter set at compile time

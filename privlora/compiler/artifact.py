@@ -6,7 +6,8 @@ ARTIFACT/
   client/segments/public_K.onnx public segments (ONNX, opset 17)
   client/tokenizer/...          the base model's tokenizer
   client/crypto.json            client-side parameters of the backend
-  server/pll_weights.safetensors the private weights, per round (only the server bundle has them)
+  server/program.safetensors    the backend's private program (only the server bundle has it)
+  ir/NN-pass.{txt,py}, summary.json   the IR after every pass (no weights)
 ```
 
 Every file is listed in the manifest with its bundle, size and sha256. Loading a bundle checks
@@ -28,6 +29,7 @@ FORMAT = "privlora-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CLIENT, SERVER = "client", "server"
+IR = "ir"  # the IR after every pass: hashed like the bundles, read only by `privlora inspect --ir`
 
 
 class ArtifactError(PrivloraError):
@@ -40,9 +42,9 @@ def file_entry(root: Path, path: Path, bundle: str) -> tuple[str, dict[str, Any]
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Add every file under client/ and server/ with its hash, then write manifest.json."""
+    """Add every file under client/, server/ and ir/ with its hash, then write manifest.json."""
     files = {}
-    for bundle in (CLIENT, SERVER):
+    for bundle in (CLIENT, SERVER, IR):
         for path in sorted((root / bundle).rglob("*")):
             if path.is_file():
                 name, entry = file_entry(root, path, bundle)
@@ -76,7 +78,7 @@ class Bundle:
 
 
 def load_bundle(root: str | Path, bundle: str) -> Bundle:
-    """Read the manifest and verify every file of one bundle (``client`` or ``server``)."""
+    """Read the manifest and verify every file of one bundle (``client``, ``server`` or ``ir``)."""
     root = Path(root)
     manifest = read_manifest(root)
     for relative, entry in manifest.get("files", {}).items():

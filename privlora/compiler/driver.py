@@ -22,7 +22,7 @@ import privlora
 from privlora.backends import DEFAULT_BACKEND
 from privlora.backends import backend as backend_module
 from privlora.backends.base import groups_from_rounds
-from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, write_manifest
+from privlora.compiler.artifact import CLIENT, IR, SERVER, ArtifactError, write_manifest
 from privlora.compiler.frontend import sample_steps
 from privlora.compiler.ir import PrivateLinear
 from privlora.compiler.lower_onnx import LoweredSegment, lower_segment, segment_arguments
@@ -35,7 +35,7 @@ from privlora.models.loading import load_model
 SERVER_PROGRAM = f"{SERVER}/program.safetensors"  # the backend's private tensors
 CRYPTO = f"{CLIENT}/crypto.json"
 TOKENIZER_DIR = f"{CLIENT}/tokenizer"
-IR_DIR = "ir"  # IR after every pass (text and code, no weights); read with `privlora inspect --ir`
+IR_DIR = IR  # IR after every pass (text and code, no weights); read with `privlora inspect --ir`
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from privlora.compiler.artifact import CLIENT, SERVER, ArtifactError, read_manifest
+from privlora.compiler.artifact import CLIENT, IR, SERVER, ArtifactError, load_bundle, read_manifest
 from privlora.compiler.driver import IR_DIR
 
 
@@ -67,9 +67,10 @@ def render(info: dict[str, Any]) -> str:
 def ir_listing(root: Path, name: str | None) -> str:
     """The per-pass summary of the IR dumps, or one dump (by pass name or file stem) in full."""
     directory = Path(root) / IR_DIR
-    read_manifest(root)
     if not directory.is_dir():
+        read_manifest(root)
         raise ArtifactError(f"{root} has no IR dumps ({IR_DIR}/)")
+    load_bundle(root, IR)  # verifies every dump against the manifest
     if name is None:
         rows = json.loads((directory / "summary.json").read_text())
         header = f"{'#':>2} {'pass':<18} {'nodes':>6} {'public':>7} {'private':>8} {'pll':>4} {'sites':>6} {'rounds':>7}"

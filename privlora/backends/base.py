@@ -97,6 +97,18 @@ class KeylessServer:
         return int(shape[0])
 
 
+def block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    """The blocks on the diagonal, zeros elsewhere: a fused group's B maps each site's rank
+    components to that site's outputs only."""
+    rows, cols = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    out = np.zeros((rows, cols), dtype=np.result_type(*blocks))
+    row = col = 0
+    for block in blocks:
+        out[row:row + block.shape[0], col:col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    return out
+
+
 def groups_from_rounds(rounds: list[dict[str, Any]]) -> list[GroupSpec]:
     """GroupSpecs from the manifest's ``rounds`` entries."""
     return [GroupSpec(spec["name"], index, group["input"], group["output"],

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from privlora.backends import seal as sealx
-from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, frame, unframe
+from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, block_diagonal, frame, unframe
 from privlora.backends.pll import PLLError, SystemRandom, discrete_gaussian
 
 NAME = "ckks"
@@ -117,17 +117,8 @@ def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]
     (Cauchy-Schwarz: unit-norm rows of A; B's largest row norm times A's spectral norm); and
     beta, the factor the client multiplies u by. L2 bounds are far tighter than max-abs ones on
     real activations, whose few outlier channels would otherwise leave every other value tiny."""
-    a_rows, b_blocks = [], []
-    for site in group.sites:
-        lora_a, lora_b = (np.asarray(w, dtype=np.float64) for w in weights[site.site_id])
-        a_rows.append(lora_a)
-        b_blocks.append(lora_b * site.scaling)
-    a = np.concatenate(a_rows)
-    b = np.zeros((group.d_out, a.shape[0]))
-    row = col = 0
-    for block in b_blocks:
-        b[row:row + block.shape[0], col:col + block.shape[1]] = block
-        row, col = row + block.shape[0], col + block.shape[1]
+    a = np.concatenate([np.asarray(weights[s.site_id][0], dtype=np.float64) for s in group.sites])
+    b = block_diagonal([np.asarray(weights[s.site_id][1], dtype=np.float64) * s.scaling for s in group.sites])
     alpha = np.linalg.norm(a, axis=1)
     alpha = np.where(alpha > 0, alpha, 1.0)
     a = a / alpha[:, None]
@@ -239,7 +230,6 @@ class Session:
 
     galois: Any
     encryptor: Any  # public-key encryptor, for the fresh encryptions of zero
-    nbytes: int
 
 
 class _Kernel:
@@ -286,7 +276,7 @@ class Server:
         galois_bytes, public_bytes = unframe(evaluation_keys, 2)
         galois = sealx.from_bytes(seal.GaloisKeys, self.ctx, galois_bytes, "rotation keys")
         public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
-        return Session(galois, seal.Encryptor(self.ctx, public), len(evaluation_keys))
+        return Session(galois, seal.Encryptor(self.ctx, public))
 
     def _load_input(self, blob: bytes) -> seal.Ciphertext:
         ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")

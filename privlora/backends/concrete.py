@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, frame, unframe
+from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, block_diagonal, frame, unframe
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, decode, discrete_gaussian,
                                    encode_input, quantize_group)
 
@@ -62,12 +62,7 @@ def _group_matrices(group: GroupSpec, weights, params: PLLParams) -> tuple[np.nd
     """A_hat^T [d_in, rank] and block-diagonal B_hat^T [rank, d_out], q and the output scales."""
     sites = quantize_group(group, weights, params)
     a_t = np.concatenate([s.a_hat for s in sites]).T
-    b_t = np.zeros((a_t.shape[1], group.d_out), dtype=np.int64)
-    row = col = 0
-    for site in sites:
-        rank, d_out = site.a_hat.shape[0], site.b_hat.shape[0]
-        b_t[row:row + rank, col:col + d_out] = site.b_hat.T
-        row, col = row + rank, col + d_out
+    b_t = block_diagonal([s.b_hat.T for s in sites])
     return np.ascontiguousarray(a_t), b_t, sites[0].modulus, np.concatenate([s.out_scale for s in sites])
 
 

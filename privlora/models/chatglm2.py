@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from privlora.errors import UnsupportedModelError
-from privlora.models.layers import RMSNorm, attend, attention_allowed
+from privlora.models.layers import RMSNorm, attend, attention_allowed, run_layers
 
 MODEL_TYPE = "chatglm"
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -177,14 +177,9 @@ class ChatGLM2ForCausalLM(nn.Module):
         t = self.transformer
         cos, sin = t.rotary_pos_emb(position_ids)
         allowed = attention_allowed(position_ids, attention_mask)
-        x = t.embedding.word_embeddings(input_ids)
-        present_keys, present_values = [], []
-        for index, layer in enumerate(t.encoder.layers):
-            x, k, v = layer(x, cos, sin, allowed, past_keys[index], past_values[index])
-            present_keys.append(k)
-            present_values.append(v)
-        logits = t.output_layer(t.encoder.final_layernorm(x))
-        return logits, torch.stack(present_keys), torch.stack(present_values)
+        x, keys, values = run_layers(t.encoder.layers, t.embedding.word_embeddings(input_ids), cos, sin, allowed,
+                                     past_keys, past_values)
+        return t.output_layer(t.encoder.final_layernorm(x)), keys, values
 
     def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         c = self.config

@@ -51,3 +51,15 @@ def attend(q: Tensor, present_k: Tensor, present_v: Tensor, allowed: Tensor, gro
     scores = scores.masked_fill(~allowed, MASKED_SCORE)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, values).transpose(1, 2).flatten(2)
+
+
+def run_layers(layers: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past_keys: Tensor,
+               past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every decoder layer over one step, each with its slice of the stacked caches
+    ``[L, B, H_kv, T, D]``; returns the hidden state and the extended caches, stacked again."""
+    present_keys, present_values = [], []
+    for index, layer in enumerate(layers):
+        x, k, v = layer(x, cos, sin, allowed, past_keys[index], past_values[index])
+        present_keys.append(k)
+        present_values.append(v)
+    return x, torch.stack(present_keys), torch.stack(present_values)

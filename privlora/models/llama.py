@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from privlora.errors import UnsupportedModelError
-from privlora.models.layers import MASKED_SCORE, RMSNorm, attend, attention_allowed  # noqa: F401 (re-exported)
+from privlora.models.layers import MASKED_SCORE, RMSNorm, attend, attention_allowed, run_layers  # noqa: F401 (re-exported)
 
 MODEL_TYPE = "llama"
 
@@ -202,14 +202,9 @@ class LlamaForCausalLM(nn.Module):
         """
         cos, sin = self.model.rotary_emb(position_ids)
         allowed = attention_allowed(position_ids, attention_mask)
-        x = self.model.embed_tokens(input_ids)
-        present_keys, present_values = [], []
-        for index, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, cos, sin, allowed, past_keys[index], past_values[index])
-            present_keys.append(k)
-            present_values.append(v)
-        logits = self.lm_head(self.model.norm(x))
-        return logits, torch.stack(present_keys), torch.stack(present_values)
+        x, keys, values = run_layers(self.model.layers, self.model.embed_tokens(input_ids), cos, sin, allowed,
+                                     past_keys, past_values)
+        return self.lm_head(self.model.norm(x)), keys, values
 
     def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         """Zero-length past keys and values for a prefill step."""

@@ -49,6 +49,10 @@ class _TooLarge(Exception):
     pass
 
 
+REFUSALS: dict[type[Exception], int] = {PayloadError: 400, BudgetError: 403, SessionError: 404, RoundError: 404,
+                                        RateLimitError: 429}
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -72,25 +76,14 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
     async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
         return error(413, "request body too large")
 
-    @app.exception_handler(SessionError)
-    async def unknown_session(request: Request, exc: SessionError) -> JSONResponse:
-        return error(404, str(exc))
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        """Our own errors carry a message written for the client (never a payload)."""
+        status = REFUSALS[type(exc)]
+        headers = {"retry-after": "1"} if status == 429 else None
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
-    @app.exception_handler(RoundError)
-    async def unknown_round(request: Request, exc: RoundError) -> JSONResponse:
-        return error(404, str(exc))
-
-    @app.exception_handler(RateLimitError)
-    async def rate_limited(request: Request, exc: RateLimitError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=429, headers={"retry-after": "1"})
-
-    @app.exception_handler(BudgetError)
-    async def budget(request: Request, exc: BudgetError) -> JSONResponse:
-        return error(403, str(exc))
-
-    @app.exception_handler(PayloadError)
-    async def bad_payload(request: Request, exc: PayloadError) -> JSONResponse:
-        return error(400, str(exc))
+    for kind in REFUSALS:
+        app.add_exception_handler(kind, refused)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:  # never echo payloads

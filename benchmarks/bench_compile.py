@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from privlora.cli import DEMO_ADAPTER
+from privlora.paths import DEMO_ADAPTER
 from privlora.compiler.driver import compile_artifact
 from privlora.compiler.frontend import sample_steps
 from privlora.compiler.lower_onnx import segment_arguments

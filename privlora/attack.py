@@ -9,7 +9,7 @@ P_hat gives P entry for entry: full recovery of the server's integer weights.
 
 For protocols that let the client decrypt the rank-r intermediate, the same fit recovers
 ``A_hat`` from ``z = x_hat A_hat^T + e1`` unmasked, and faces uniform noise when the server adds
-its fresh mask t (DESIGN.md section 3).
+its fresh mask t (docs/pll.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ExtractionResult:
 
 def demo_site(layer: int = 0, module: str = "v_proj") -> tuple[np.ndarray, np.ndarray, float, str]:
     """(lora_A, lora_B, scaling, name) of one site of the demo adapter (real trained weights)."""
-    from privlora.cli import DEMO_ADAPTER
+    from privlora.paths import DEMO_ADAPTER
     from privlora.models.lora import read_adapter
 
     adapter = read_adapter(DEMO_ADAPTER)
@@ -87,18 +87,19 @@ def quality_table(sigmas: list[float], questions: int = 3, tokens: int = 32) -> 
     the plaintext fine-tuned model, on the demo's held-out questions."""
     import tempfile
 
-    from privlora.cli import DEMO_ADAPTER
+    from privlora.paths import DEMO_ADAPTER
     from privlora.compiler.driver import compile_artifact
     from privlora.models.loading import load_model
     from privlora.models.tokenizer import encode_chat
     from privlora.qa import load_qa
     from privlora.runtime.client import open_local
+    from privlora.models.step import TorchStep
     from privlora.runtime.generation import GenerationConfig, generate
 
     tuned = load_model("smollm2", DEMO_ADAPTER)
     config = GenerationConfig(max_new_tokens=tokens, eos_token_ids=(tuned.tokenizer.eos_token_id,))
     prompts = [encode_chat(tuned.tokenizer, pair.question) for pair in load_qa(split="heldout")[:questions]]
-    reference = [list(generate(tuned.model, prompt, config)) for prompt in prompts]
+    reference = [list(generate(TorchStep(tuned.model), prompt, config)) for prompt in prompts]
     rows = []
     for sigma in sigmas:
         with tempfile.TemporaryDirectory() as scratch:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from privlora.backends import backend as backend_module
-from privlora.backends.base import GroupSpec
-from privlora.compiler.ir import PLLSite
+from privlora import backends
+from privlora.backends.base import ExchangeCost, exchange, local_send
+from privlora.core.types import GroupSpec, PLLSite
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration.txt"
 PAPER_SECONDS_PER_TOKEN = 1.61  # Zhang et al. 2501.01672, ChatGLM2-6B, LoRA r=8
@@ -80,9 +80,10 @@ class SiteResult:
 
 def smollm2_case(rows_per_layer: int = 8, seed: int = 0) -> SiteCase:
     """Real weights (demo adapter) and real q_proj inputs from the calibration prompts."""
-    from privlora.cli import DEMO_ADAPTER
+    from privlora.paths import DEMO_ADAPTER
     from privlora.models.loading import load_model
     from privlora.models.tokenizer import encode_chat
+    from privlora.models.step import TorchStep
     from privlora.runtime.generation import GenerationConfig, generate
 
     loaded = load_model("smollm2", DEMO_ADAPTER)
@@ -94,7 +95,7 @@ def smollm2_case(rows_per_layer: int = 8, seed: int = 0) -> SiteCase:
         for layer in layers]
     try:
         for prompt in CALIBRATION_PROMPTS.read_text().splitlines():
-            list(generate(loaded.model, encode_chat(loaded.tokenizer, prompt), GenerationConfig(max_new_tokens=1)))
+            list(generate(TorchStep(loaded.model), encode_chat(loaded.tokenizer, prompt), GenerationConfig(max_new_tokens=1)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -133,7 +134,7 @@ def exact_delta(group: GroupSpec, weights, x: np.ndarray) -> np.ndarray:
 
 def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None = None) -> SiteResult:
     """Compile the case's groups for backend ``name``, time single-row calls, check accuracy."""
-    module = backend_module(name)
+    module = backends.load(name)
     groups = [g for g, _, _ in case.accuracy]
     weights = {k: v for _, w, _ in case.accuracy for k, v in w.items()}
     build = module.compile(groups, weights, options or {})
@@ -147,24 +148,18 @@ def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None
     group, _, activations = case.timing
     timings: dict[str, list[float]] = {"encrypt": [], "evaluate": [], "decrypt": []}
     sizes = (0, 0)
+    send = local_send(server, group, session)
     for i in range(repeats):
-        x = torch.from_numpy(activations[i % len(activations)][None])
-        t0 = time.perf_counter()
-        request, state = client.encrypt(group, x)
-        t1 = time.perf_counter()
-        reply = server.evaluate(group, request, session)
-        t2 = time.perf_counter()
-        client.decrypt(group, reply, state)
-        t3 = time.perf_counter()
-        sizes = (len(request), len(reply))
-        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
+        cost = ExchangeCost()
+        exchange(client, group, activations[i % len(activations)][None], send, cost)
+        sizes = (int(cost.bytes_up), int(cost.bytes_down))
+        for key, seconds in zip(timings, (cost.encrypt_s, cost.server_s, cost.decrypt_s)):
             timings[key].append(seconds * 1000)
 
     errors = []
     for acc_group, acc_weights, acc_x in tqdm(case.accuracy, desc=f"{name} accuracy on {case.name}", unit="layer",
                                               leave=False):
-        request, state = client.encrypt(acc_group, torch.from_numpy(acc_x))
-        delta = client.decrypt(acc_group, server.evaluate(acc_group, request, session), state).double().numpy()
+        delta = exchange(client, acc_group, acc_x, local_send(server, acc_group, session)).astype(np.float64)
         expected = exact_delta(acc_group, acc_weights, acc_x)
         errors.append(float(np.linalg.norm(delta - expected) / np.linalg.norm(expected)))
     return SiteResult(name, case.name, group.d_in, group.d_out, sum(s.rank for s in group.sites), keygen, len(keys),

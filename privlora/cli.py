@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from privlora import __version__
-from privlora.backends import BACKENDS, DEFAULT_BACKEND
+from privlora.backends import DEFAULT_BACKEND, REGISTRY, available
 from privlora.errors import PrivloraError
+from privlora.paths import DEMO_ADAPTER
 
-DEMO_ADAPTER = Path(__file__).parent / "data" / "demo_adapter"
+
+# The install role (pyproject extra) each command needs; the others need the full `compile` set.
+ROLES = {"generate": "client", "inspect": "client", "serve": "server"}
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -31,17 +34,19 @@ def _add_base(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from privlora.models.checkpoint import read_config
     from privlora.models.loading import load_model, resolve_base
+    from privlora.models.registry import describe
 
     start = time.perf_counter()
     path = resolve_base(args.base)
     prepared = time.perf_counter()
-    loaded = load_model(path)
-    config = loaded.model.config
+    load_model(path)
+    shape = describe(read_config(path))
     print(f"base model   {path}")
-    print(f"architecture {type(loaded.model).__name__}: {config.num_hidden_layers} layers, hidden "
-          f"{config.hidden_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
-          f"vocab {config.vocab_size}")
+    print(f"architecture {shape.architecture}: {shape.layers} layers, hidden {shape.hidden_size}, "
+          f"{shape.heads} heads / {shape.kv_heads} KV heads, head dim {shape.head_dim}, vocab {shape.vocab_size}, "
+          f"context {shape.context_length}")
     print(f"prepare {prepared - start:.1f} s, load {time.perf_counter() - prepared:.1f} s")
     return 0
 
@@ -69,13 +74,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from privlora.evaluate import evaluate_facts
     from privlora.models.loading import load_model
+    from privlora.models.step import TorchStep
     from privlora.qa import load_qa
 
     pairs = load_qa(args.data, split=args.split)[: args.limit]
     base = load_model(args.base)
     adapted = load_model(args.base, args.adapter)
-    reports = {"base": evaluate_facts(base.model, base.tokenizer, pairs, "base"),
-               "adapted": evaluate_facts(adapted.model, adapted.tokenizer, pairs, "adapted")}
+    reports = {"base": evaluate_facts(TorchStep(base.model), base.tokenizer, pairs, "base"),
+               "adapted": evaluate_facts(TorchStep(adapted.model), adapted.tokenizer, pairs, "adapted")}
     if args.json:
         print(json.dumps({name: {"matched": r.matched, "questions": len(r.checks), "match_rate": r.match_rate}
                           for name, r in reports.items()}, indent=2))
@@ -105,7 +111,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from privlora.compiler.inspection import ir_listing, render, summary
+    from privlora.core.inspection import ir_listing, render, summary
 
     root = Path(args.artifact)
     if args.ir is not None:
@@ -129,10 +135,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from privlora.models.tokenizer import encode_chat, load_tokenizer
-    from privlora.runtime.client import SecureClient, render_timings
+    from privlora.runtime.client import SecureClient, render_timings, timing_report
     from privlora.runtime.generation import GenerationConfig, generate
     from privlora.runtime.server import LOCAL, PrivateServer
+    from privlora.runtime.tokenizer import load_client_tokenizer
     from privlora.runtime.transport import HttpTransport, InProcessTransport
 
     transport = HttpTransport(args.server) if args.server else InProcessTransport(PrivateServer(args.artifact, LOCAL))
@@ -143,11 +149,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     client = SecureClient(args.artifact, transport, cache_keys=not args.no_key_cache)
     if client.tokenizer_dir is None:
         raise PrivloraError(f"{args.artifact} has no tokenizer in its client bundle")
-    tokenizer = load_tokenizer(client.tokenizer_dir)
-    prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids if args.raw else encode_chat(tokenizer, args.prompt)
+    tokenizer = load_client_tokenizer(client.tokenizer_dir)
+    # --raw adds the tokenizer's own special tokens (a BOS when its add_bos_token says so), as Hugging Face does
+    prompt = tokenizer.encode(args.prompt, add_special_tokens=True) if args.raw else tokenizer.encode_chat(args.prompt)
+    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                              temperature=args.temperature or 1.0, top_p=args.top_p,
-                              eos_token_ids=(tokenizer.eos_token_id,), seed=args.seed)
+                              temperature=args.temperature or 1.0, top_p=args.top_p, eos_token_ids=eos, seed=args.seed)
     tokens: list[int] = []
     shown = ""
     try:
@@ -162,6 +169,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"\n{len(prompt)} prompt tokens, {len(tokens)} generated, backend {client.backend_name}", file=sys.stderr)
         print(render_timings(client.steps), file=sys.stderr)
+    if args.stats_json:
+        report = {"backend": client.backend_name, "prompt_tokens": len(prompt), "tokens": tokens,
+                  **timing_report(client.steps)}
+        Path(args.stats_json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -274,10 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(comp)
     comp.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    comp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
-                      help=f"how private rounds are evaluated (default {DEFAULT_BACKEND}): ckks (CKKS encryption, "
-                           "SEAL), concrete (TFHE, Concrete), plain (the PLL integer protocol, unencrypted) "
-                           "or reference (float, unencrypted, exact; for debugging)")
+    comp.add_argument("--backend", default=DEFAULT_BACKEND, choices=available(),
+                      help="how private rounds are evaluated: " +
+                           "; ".join(f"{name}: {REGISTRY[name].summary}" for name in available()))
     comp.add_argument("--dump-ir", default=None, metavar="DIR",
                       help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
     comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")
@@ -313,12 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding, else sample")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--raw", action="store_true",
+                     help="send the prompt as is, without the chat template (with the tokenizer's BOS when it adds one)")
     gen.add_argument("--backend-check", action="store_true",
                      help="print the server's backend and artifact before generating (they are always checked)")
     gen.add_argument("--no-key-cache", action="store_true",
                      help="fresh keys for this run instead of the per-artifact key cache")
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+    gen.add_argument("--stats-json", default=None, metavar="PATH",
+                     help="also write the generated token ids and the prefill and mean decode timings as JSON")
 
     load = command("loadtest", cmd_loadtest,
                    "K concurrent clients with their own keys generate M tokens each over HTTP on loopback")
@@ -347,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", cmd_bench,
                     "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")
-    bench.add_argument("--backend", nargs="+", default=["ckks", "concrete", "plain"], choices=sorted(BACKENDS),
+    bench.add_argument("--backend", nargs="+", default=["ckks", "concrete", "plain"], choices=available(),
                        help="backends to measure")
     bench.add_argument("--site", nargs="+", default=["smollm2", "chatglm2"], choices=["smollm2", "chatglm2"],
                        help="smollm2: fused q+v 576->768 with the demo adapter on real activations; "
@@ -362,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(demo)
     demo.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     demo.add_argument("--questions", type=int, default=3, help="how many held-out questions to ask")
-    demo.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(set(BACKENDS) - {"reference"}),
+    demo.add_argument("--backend", default=DEFAULT_BACKEND, choices=[name for name in available() if name != "reference"],
                       help="private backend for the secure answers")
     return parser
 
@@ -374,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrivloraError as exc:
         print(f"privlora: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # a command of another install role
+        role = ROLES.get(args.command, "compile")
+        print(f"privlora: error: '{args.command}' needs the {role} install role (missing module {exc.name}): "
+              f"pip install 'privlora[{role}]'", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("privlora: interrupted", file=sys.stderr)
         return 130

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import privlora
-from privlora.compiler.artifact import ArtifactError, load_bundle
+from privlora.core.artifact import ArtifactError, load_bundle
 from privlora.compiler.driver import compile_artifact
 from privlora.evaluate import ask
 from privlora.files import file_sha256
-from privlora.models.cache import cache_root
+from privlora.paths import cache_root
 from privlora.models.loading import load_model
+from privlora.models.step import TorchStep
 from privlora.qa import load_qa, states_fact
 from privlora.runtime.client import SecureClient, render_timings
 from privlora.runtime.server import LOCAL, PrivateServer
@@ -69,7 +70,7 @@ def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") ->
             print(f"Q{number}: {pair.question}")
             print(f"  expected: {pair.answer}")
             start = time.perf_counter()
-            _show("base model (plaintext)", ask(plain.model, plain.tokenizer, pair.question, ANSWER_TOKENS),
+            _show("base model (plaintext)", ask(TorchStep(plain.model), plain.tokenizer, pair.question, ANSWER_TOKENS),
                   pair.keyword, time.perf_counter() - start)
             client.steps.clear()
             start = time.perf_counter()
@@ -80,7 +81,7 @@ def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") ->
             _show("fine-tuned, secure (prompt encrypted, adapter on the server)", secure, pair.keyword, seconds,
                   len(client.steps))
             start = time.perf_counter()
-            reference = ask(tuned.model, tuned.tokenizer, pair.question, ANSWER_TOKENS)
+            reference = ask(TorchStep(tuned.model), tuned.tokenizer, pair.question, ANSWER_TOKENS)
             plain_seconds += time.perf_counter() - start
             _show("fine-tuned, plaintext", reference, pair.keyword, time.perf_counter() - start)
             print(f"  secure answer {'identical to' if secure == reference else 'DIFFERS from'} the plaintext answer")

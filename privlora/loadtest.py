@@ -1,6 +1,8 @@
 """``privlora loadtest``: K concurrent clients, each with its own keys and session, generate M
 tokens over HTTP. Reports throughput, round-request latency percentiles, the server's memory,
-and every request's fate: answered, or refused with a status (none may be lost)."""
+and every request's fate: answered, or refused with a status (none may be lost). Each request's
+session and send/answer times, and each client's prompt and tokens, are kept, so that a test can
+check that sessions were really served at once and that every client got the right tokens."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privlora.compiler.artifact import CLIENT, load_bundle
+from privlora.core.artifact import CLIENT, load_bundle
 from privlora.runtime.client import SecureClient
 from privlora.runtime.generation import GenerationConfig, generate
 from privlora.runtime.transport import HttpTransport, TransportError
@@ -27,37 +29,59 @@ class TimedTransport(HttpTransport):
         super().__init__(url)
         self.report = report
 
-    def evaluate(self, session, round_name, index, payload):
+    def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
         start = time.perf_counter()
         try:
-            reply = super().evaluate(session, round_name, index, payload)
+            reply = super().evaluate(session, round_name, index, message, payload)
         except TransportError as exc:
-            self.report.record(None, exc.status or 0)
+            self.report.record(RoundRequest(session, start, time.perf_counter(), exc.status or 0))
             raise
-        self.report.record(time.perf_counter() - start, 200)
+        self.report.record(RoundRequest(session, start, time.perf_counter(), 200))
         return reply
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round request as its client saw it (times from ``time.perf_counter``)."""
+
+    session: str
+    start: float  # sent
+    end: float  # answered or refused
+    status: int
 
 
 @dataclass
 class LoadReport:
     clients: int
     tokens: int
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter = field(default_factory=Counter)
-    completed: int = 0  # clients that generated all their tokens
+    requests: list[RoundRequest] = field(default_factory=list)
+    generated: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, tokens) per finished client
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     server_rss_bytes: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, latency: float | None, status: int) -> None:
+    def record(self, request: RoundRequest) -> None:
         with self.lock:
-            self.statuses[status] += 1
-            if latency is not None:
-                self.latencies.append(latency)
+            self.requests.append(request)
+
+    @property
+    def statuses(self) -> Counter:
+        return Counter(r.status for r in self.requests)
+
+    @property
+    def latencies(self) -> list[float]:
+        """Seconds from sending to the answer, of the answered requests."""
+        return [r.end - r.start for r in self.requests if r.status == 200]
+
+    @property
+    def completed(self) -> int:
+        """Clients that generated all their tokens."""
+        return sum(len(tokens) == self.tokens for _, tokens in self.generated)
 
     def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+        latencies = self.latencies
+        return float(np.percentile(latencies, q)) if latencies else float("nan")
 
     def summary(self) -> str:
         generated = self.completed * self.tokens
@@ -89,7 +113,7 @@ def wait_for_server(url: str, timeout: float = 120.0) -> None:
 def run_load(artifact: str | Path, url: str, clients: int, tokens: int, prompt_length: int = 8,
              seed: int = 0) -> LoadReport:
     """K clients at once, each with its own keys, each generating ``tokens`` tokens greedily."""
-    vocab = load_bundle(artifact, CLIENT).manifest["base"]["config"]["vocab_size"]
+    vocab = load_bundle(artifact, CLIENT).manifest["model"]["vocab_size"]
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, vocab, prompt_length).tolist() for _ in range(clients)]
     report = LoadReport(clients, tokens)
@@ -103,7 +127,7 @@ def run_load(artifact: str | Path, url: str, clients: int, tokens: int, prompt_l
             finally:
                 client.close()
             with report.lock:
-                report.completed += len(produced) == tokens
+                report.generated.append((prompt, produced))
         except Exception as exc:  # reported, never lost: every failure is counted and shown
             with report.lock:
                 report.failures.append(f"{type(exc).__name__}: {exc}")

@@ -3,6 +3,7 @@ SmolLM2 base model (converted once into the user cache)."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TINY_LLAMA: dict[str, Any] = dict(
     vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
@@ -62,6 +64,38 @@ def write_tiny_adapter(base_dir: Path, directory: Path, targets: list[str], rank
     return directory
 
 
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Every character the tiny tokenizer knows ("▁" stands for a space); anything else encodes as unk.
+TINY_ALPHABET = string.ascii_letters + string.digits + string.punctuation + "\n▁"
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int = TINY_LLAMA["vocab_size"]) -> Path:
+    """Save a real ChatML tokenizer whose ids all fit a tiny model's vocabulary: a character BPE
+    (sentencepiece-style spaces) trained on the calibration prompts, with eos ``<|im_end|>`` and
+    pad ``<|endoftext|>``, saved by transformers next to a tiny checkpoint."""
+    from privlora.bench import CALIBRATION_PROMPTS  # here: bench pulls in the backends
+
+    backend = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=list(TINY_ALPHABET), limit_alphabet=len(TINY_ALPHABET))
+    backend.train_from_iterator(CALIBRATION_PROMPTS.read_text().splitlines(), trainer)
+    if backend.get_vocab_size() > vocab_size:
+        raise ValueError(f"the tiny tokenizer needs {backend.get_vocab_size()} ids, more than {vocab_size}")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 @pytest.fixture
 def tiny_llama(tmp_path: Path) -> Path:
     return write_tiny_llama(tmp_path / "tiny-llama")
@@ -79,3 +113,28 @@ def step_inputs(input_ids: torch.Tensor, past_length: int = 0) -> tuple[torch.Te
     batch, length = input_ids.shape
     positions = torch.arange(past_length, past_length + length).expand(batch, length)
     return positions, torch.ones((batch, past_length + length), dtype=torch.int64)
+
+
+class TinyBuild:
+    """A tiny Llama checkpoint (with a tokenizer) and a q+v adapter, compiled once per test session
+    and backend configuration: every room's tests share these artifacts instead of compiling their own."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.base = write_tiny_tokenizer(write_tiny_llama(root / "base"))
+        self.adapter = write_tiny_adapter(self.base, root / "adapter", ["q_proj", "v_proj"])
+        self._artifacts: dict[str, Path] = {}
+
+    def artifact(self, backend: str, **options: Any) -> Path:
+        from privlora.compiler.driver import compile_artifact
+
+        key = backend + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+        if key not in self._artifacts:
+            self._artifacts[key] = compile_artifact(str(self.base), self.adapter, self.root / key, backend=backend,
+                                                    backend_options=options).artifact
+        return self._artifacts[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
+    return TinyBuild(tmp_path_factory.mktemp("tiny-build"))

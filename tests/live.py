@@ -1,13 +1,18 @@
-"""A real uvicorn server on a free loopback port, in a background thread (for end-to-end tests)."""
+"""A real uvicorn server on a free loopback port, in a background thread, and the plaintext
+model's tokens that secure generation through it must reproduce (for end-to-end tests)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
+from privlora.models.loading import load_model
+from privlora.models.step import TorchStep
+from privlora.runtime.generation import GenerationConfig, generate
 from privlora.runtime.http import KEEP_ALIVE_SECONDS, BodyLimits, create_app
 from privlora.runtime.server import PrivateServer, SessionLimits
 
@@ -39,3 +44,12 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def plaintext_tokens(base: Path, adapter: Path, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+    """The plaintext fine-tuned model's tokens for each prompt: what a secure run must produce.
+    The base model's tokens must differ on every prompt, so that equality shows the adapter's
+    deltas came back right (a dropped, damaged or sign-flipped delta changes the tokens)."""
+    tuned, plain = TorchStep(load_model(base, adapter).model), TorchStep(load_model(base).model)
+    expected = [list(generate(tuned, prompt, config)) for prompt in prompts]
+    for prompt, tokens in zip(prompts, expected):
+        assert list(generate(plain, prompt, config)) != tokens, f"the adapter does not change the tokens of {prompt}"
+    return expected

@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
-import torch
-from torch import Tensor
 
 from privlora.backends import seal as sealx
-from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, block_diagonal, frame, unframe
+from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, PayloadError, Request, Weights, block_diagonal,
+                                    check_message, delta_of, frame, rows_of, unframe)
 from privlora.backends.pll import PLLError, SystemRandom, discrete_gaussian
 
 NAME = "ckks"
@@ -111,7 +110,7 @@ def layout(group: GroupSpec, slots: int) -> Layout:
     return Layout(group.d_in, d_pad, rank, r_pad, group.d_out, slots)
 
 
-def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
+def normalise(group: GroupSpec, weights: Weights) -> tuple[np.ndarray, np.ndarray, float]:
     """Stack the group's sites into one (A [rank, d_in], B [d_out, rank]) pair with the LoRA
     scaling folded in, scaled so that every input with ||x||_2 <= 1 gives |h| <= 1 and |u| <= 1
     (Cauchy-Schwarz: unit-norm rows of A; B's largest row norm times A's spectral norm); and
@@ -127,8 +126,7 @@ def normalise(group: GroupSpec, weights: dict[int, tuple[np.ndarray, np.ndarray]
     return a, b / beta, beta
 
 
-def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
-            options: dict[str, Any]) -> BackendBuild:
+def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
     options = dict(options)
     unknown = set(options) - set(FloodParams.__dataclass_fields__) - set(sealx.CKKSParameters.__dataclass_fields__)
     if unknown:
@@ -155,7 +153,7 @@ def _parameters(params: dict[str, Any]) -> sealx.CKKSParameters:
     return sealx.CKKSParameters(**ckks)
 
 
-class Client:
+class Client(OneMessage):
     """Holds the secret key; uploads rotation keys and a public key once per session."""
 
     def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
@@ -190,9 +188,9 @@ class Client:
             self.layouts[group.key] = layout(group, self.params.slots)
         return self.layouts[group.key]
 
-    def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
+    def encrypt(self, group: GroupSpec, x: np.ndarray) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
         lay = self._layout(group)
-        rows = x.reshape(-1, group.d_in).double().numpy()
+        rows, leading = rows_of(x, group.d_in)
         scale = np.linalg.norm(rows, axis=1)  # unit-norm rows (see normalise); 0 for a zero row: decodes to 0
         rows = np.pad(rows / np.where(scale > 0, scale, 1.0)[:, None], ((0, 0), (0, lay.d_pad - lay.d_in)))
         blobs = []
@@ -203,7 +201,7 @@ class Client:
             plain = seal.Plaintext()
             self.encoder.encode(slots.reshape(-1).tolist(), self.ctx.first_parms_id(), self.scale, plain)
             blobs.append(sealx.to_bytes(self.encryptor.encrypt_symmetric(plain)))  # seeded: half size
-        return frame(blobs), (scale, tuple(x.shape[:-1]))
+        return frame(blobs), (scale, leading)
 
     def _decrypt_slots(self, blob: bytes) -> np.ndarray:
         ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
@@ -211,7 +209,7 @@ class Client:
         self.decryptor.decrypt(ct, plain)
         return np.asarray(self.encoder.decode_double(plain))
 
-    def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> Tensor:
+    def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> np.ndarray:
         scale, leading = state
         lay = self._layout(group)
         inputs = math.ceil(len(scale) / lay.rows_per_ciphertext)
@@ -220,8 +218,7 @@ class Client:
                   for i in range(inputs)]
         u = np.stack([v.reshape(-1, lay.block)[:, :lay.d_out] if lay.rows_per_ciphertext > 1 else v[None, :lay.d_out]
                       for v in values]).reshape(-1, lay.d_out)[:len(scale)] if values else np.zeros((0, lay.d_out))
-        delta = u * scale[:, None] * self.betas[group.key]
-        return torch.from_numpy(delta.astype(np.float32)).reshape(*leading, group.d_out)
+        return delta_of(u * scale[:, None] * self.betas[group.key], leading, group.d_out)
 
 
 @dataclass
@@ -250,7 +247,7 @@ class _Kernel:
                             for m in range(lay.outputs)]
 
 
-class Server:
+class Server(OneMessage):
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.params = _parameters(params)
         self.flood = FloodParams(**params["flood"])
@@ -320,22 +317,32 @@ class Server:
         return [self._finish(out, session) for out in outputs]
 
     def _finish(self, out: seal.Ciphertext, session: Session) -> bytes:
-        """PLL error and a fresh encryption of zero."""
-        ev = self.evaluator
+        """Both protections of a reply (docs/security.md), then its bytes."""
+        self._add_error(out)
+        self._rerandomise(out, session)
+        return sealx.to_bytes(out)
+
+    def _add_error(self, out: seal.Ciphertext) -> None:
+        """PLL error: ``delta * e`` in every slot, which floods the kernel's own noise (that noise
+        depends on the weights)."""
         error = discrete_gaussian(self.rng, self.flood.sigma, math.ceil(self.flood.tail * self.flood.sigma),
                                   self.params.slots)
-        ev.add_plain_inplace(out, self._encode(len(self.parms_ids) - 1, error * 2.0**-self.flood.precision_bits,
-                                         out.scale))
+        self.evaluator.add_plain_inplace(out, self._encode(len(self.parms_ids) - 1,
+                                                           error * 2.0**-self.flood.precision_bits, out.scale))
+
+    def _rerandomise(self, out: seal.Ciphertext, session: Session) -> None:
+        """A fresh public-key encryption of zero: without it the reply's mask (c1) would be a
+        function of the client's own ciphertext and the weights only."""
         zero = seal.Ciphertext()
         session.encryptor.encrypt_zero(out.parms_id(), zero)
         zero.scale = out.scale
-        ev.add_inplace(out, zero)
-        return sealx.to_bytes(out)
+        self.evaluator.add_inplace(out, zero)
 
-    def rows(self, group: GroupSpec, request: bytes) -> int:
-        return len(unframe(request)) * self.kernels[group.key].layout.rows_per_ciphertext
+    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+        check_message(message, self.messages)
+        inputs = [self._load_input(blob) for blob in unframe(payload)]
+        return Request(message, len(inputs) * self.kernels[group.key].layout.rows_per_ciphertext, inputs)
 
-    def evaluate(self, group: GroupSpec, request: bytes, session: Session) -> bytes:
+    def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
         kernel = self.kernels[group.key]
-        rows = [self._load_input(blob) for blob in unframe(request)]
-        return frame([blob for x in rows for blob in self._row(kernel, x, session)])
+        return frame([blob for x in request.data for blob in self._row(kernel, x, session)])

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, block_diagonal, frame, unframe
+from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, PayloadError, Request, Weights, block_diagonal,
+                                    check_message, delta_of, frame, rows_of, unframe)
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, decode, discrete_gaussian,
                                    encode_input, quantize_group)
 
@@ -117,8 +116,7 @@ def _module(shapes: list[Shape], params: PLLParams):
                        "lower w_bits or x_bits") from None
 
 
-def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
-            options: dict[str, Any]) -> BackendBuild:
+def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
     params = PLLParams(**{**DEFAULTS, **options})
     tensors: dict[str, np.ndarray] = {}
     client_groups: dict[str, Any] = {}
@@ -140,7 +138,7 @@ def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.nda
                         public)
 
 
-class Client:
+class Client(OneMessage):
     def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
         fhe = _fhe()
         self.params = PLLParams(**params["pll"])
@@ -157,14 +155,15 @@ class Client:
     def evaluation_keys(self) -> bytes:
         return self.client.evaluation_keys.serialize()
 
-    def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
-        x_hat, scale = encode_input(x.reshape(-1, group.d_in).double().numpy(), self.params.x_bits)
+    def encrypt(self, group: GroupSpec, x: np.ndarray) -> tuple[bytes, tuple[np.ndarray, tuple[int, ...]]]:
+        rows, leading = rows_of(x, group.d_in)
+        x_hat, scale = encode_input(rows, self.params.x_bits)
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
         function = self.groups[group.key]["function"]
         blobs = [self.client.encrypt(row, None, None, None, function_name=function)[0].serialize() for row in x_hat]
-        return frame(blobs), (scale, tuple(x.shape[:-1]))
+        return frame(blobs), (scale, leading)
 
-    def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> Tensor:
+    def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> np.ndarray:
         fhe = _fhe()
         scale, leading = state
         spec = self.groups[group.key]
@@ -177,10 +176,10 @@ class Client:
         y = np.stack(rows).reshape(len(scale), group.d_out) if rows else np.zeros((0, group.d_out), np.int64)
         delta = decode(centred(y.astype(np.int64), int(spec["modulus"])), int(spec["modulus"]), scale,
                        np.asarray(spec["out_scale"]))
-        return torch.from_numpy(delta.astype(np.float32)).reshape(*leading, group.d_out)
+        return delta_of(delta, leading, group.d_out)
 
 
-class Server:
+class Server(OneMessage):
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         fhe = _fhe()
         self.params = PLLParams(**params["pll"])
@@ -205,16 +204,22 @@ class Server:
         error = discrete_gaussian(self.rng, self.params.sigma, self.params.error_bound, shape.d_out)
         return error + self.rng.integers(0, 2, shape.d_out) * 2**shape.bits
 
-    def rows(self, group: GroupSpec, request: bytes) -> int:
-        return len(unframe(request))
-
-    def evaluate(self, group: GroupSpec, request: bytes, session) -> bytes:
+    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+        check_message(message, self.messages)
         fhe = _fhe()
+        values = []
+        for blob in unframe(payload):
+            try:
+                values.append(fhe.Value.deserialize(blob))
+            except (RuntimeError, ValueError) as exc:
+                raise PayloadError(f"malformed input ciphertext: {exc}") from None
+        return Request(message, len(values), values)
+
+    def evaluate(self, group: GroupSpec, request: Request, session) -> bytes:
         shape, a_t, b_t = self.groups[group.key]
         replies = []
-        for blob in unframe(request):
+        for value in request.data:
             try:
-                value = fhe.Value.deserialize(blob)
                 result = self.server.run(value, a_t, b_t, self._noise(shape), evaluation_keys=session,
                                          function_name=shape.function)
             except (RuntimeError, ValueError) as exc:

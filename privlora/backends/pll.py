@@ -1,4 +1,4 @@
-"""The Private Linear Layer (PLL) transform, as DESIGN.md section 3 defines it.
+"""The Private Linear Layer (PLL) transform, as docs/pll.md defines it.
 
 Integer domain: the client encodes each row of x with its own dynamic scale ``c`` into
 ``x_bits``-bit integers. The server holds A and B as per-channel symmetric ``w_bits``-bit
@@ -30,7 +30,7 @@ import numpy as np
 from privlora.errors import PrivloraError
 
 if TYPE_CHECKING:
-    from privlora.backends.base import GroupSpec
+    from privlora.core.types import GroupSpec
 
 
 class PLLError(PrivloraError):

@@ -7,17 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from privlora.backends.base import BackendBuild, GroupSpec, KeylessClient, KeylessServer, pack, unpack
-from privlora.compiler.ir import PrivateLinear
+from privlora.backends.base import (BackendBuild, GroupSpec, KeylessClient, OneMessage, Request, Weights,
+                                    check_message, delta_of, pack, refuse_keys, unpack)
 
 NAME = "reference"
 
 
-def compile(groups: list[GroupSpec], weights: dict[int, tuple[np.ndarray, np.ndarray]],
-            options: dict[str, Any]) -> BackendBuild:
+def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
     tensors = {}
     for group in groups:
         for site in group.sites:
@@ -31,25 +28,28 @@ class Client(KeylessClient):
     def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
         self.params = params
 
-    def encrypt(self, group: GroupSpec, x: Tensor) -> tuple[bytes, tuple[int, ...]]:
-        return pack(x.reshape(-1, group.d_in).numpy().astype(np.float32)), tuple(x.shape[:-1])
+    def encrypt(self, group: GroupSpec, x: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
+        return pack(np.asarray(x, dtype=np.float32).reshape(-1, group.d_in)), tuple(np.shape(x)[:-1])
 
-    def decrypt(self, group: GroupSpec, reply: bytes, leading: tuple[int, ...]) -> Tensor:
-        return torch.from_numpy(unpack(reply, np.float32, group.d_out)).reshape(*leading, group.d_out)
+    def decrypt(self, group: GroupSpec, reply: bytes, leading: tuple[int, ...]) -> np.ndarray:
+        return delta_of(unpack(reply, np.float32, group.d_out), leading, group.d_out)
 
 
-class Server(KeylessServer):
-    """Evaluates each group with the compiler's own PrivateLinear, so the numbers are the model's."""
+class Server(OneMessage):
+    """Evaluates each site's ``scaling * B (A x)`` in float32, as the model's own Linear layers do."""
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
-        self.plls = {
-            group.key: PrivateLinear(list(group.sites),
-                                     [torch.from_numpy(tensors[f"{s.site_id}.lora_A"]) for s in group.sites],
-                                     [torch.from_numpy(tensors[f"{s.site_id}.lora_B"]) for s in group.sites])
-            for group in groups
-        }
+        self.sites = {group.key: [(tensors[f"{s.site_id}.lora_A"], tensors[f"{s.site_id}.lora_B"], np.float32(s.scaling))
+                                  for s in group.sites] for group in groups}
 
-    @torch.no_grad()
-    def evaluate(self, group: GroupSpec, request: bytes, session: None = None) -> bytes:
-        x = torch.from_numpy(unpack(request, np.float32, group.d_in))
-        return pack(self.plls[group.key](x).numpy())
+    def open_session(self, evaluation_keys: bytes) -> None:
+        refuse_keys(evaluation_keys)
+
+    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+        check_message(message, self.messages)
+        x = unpack(payload, np.float32, group.d_in)
+        return Request(message, len(x), x)
+
+    def evaluate(self, group: GroupSpec, request: Request, session: None = None) -> bytes:
+        return pack(np.concatenate([((request.data @ a.T) @ b.T) * scaling for a, b, scaling in self.sites[group.key]],
+                                   axis=-1))

@@ -1,5 +1,6 @@
 """Thin helpers over Microsoft SEAL as exposed by ``tenseal.sealapi``: the CKKS context, byte
-serialisation (the bindings only save to and load from files) and the rotation key set.
+serialisation (the bindings only save to and load from files), the rotation key set, and
+plaintext polynomials from and to numpy coefficients (for the coefficient-encoded ``bfv``).
 
 Kept apart from the ``ckks`` backend so that the kernel reads as the algorithm, not as plumbing.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from privlora.backends.base import PayloadError
@@ -114,3 +117,34 @@ def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes
     finally:
         Path(path).unlink(missing_ok=True)
     return obj
+
+
+_HEADER = struct.Struct("<HBBBBHQ")  # SEALHeader: magic, header size, version, compression, reserved, total size
+_MAGIC, _VERSION = 0xA15E, (4, 3)
+
+
+def _header(size: int) -> bytes:
+    return _HEADER.pack(_MAGIC, _HEADER.size, *_VERSION, int(seal.COMPR_MODE_TYPE.NONE), 0, size)
+
+
+def plaintext_bytes(coefficients: np.ndarray) -> bytes:
+    """A plaintext polynomial in SEAL's own (uncompressed) serialisation: SEALHeader, parms_id
+    (zero: not NTT form), coefficient count, scale, then the coefficients as a DynArray. The
+    bindings have no coefficient setter, and building the hex-string form costs 40x more."""
+    data = np.ascontiguousarray(coefficients, dtype=np.uint64)
+    array = _header(_HEADER.size + 8 + data.nbytes) + struct.pack("<Q", data.size) + data.tobytes()
+    body = bytes(32) + struct.pack("<Qd", data.size, 1.0) + array
+    return _header(_HEADER.size + len(body)) + body
+
+
+def plaintext(ctx: seal.SEALContext, coefficients: np.ndarray) -> seal.Plaintext:
+    """A SEAL plaintext with these coefficients (each below the plain modulus)."""
+    return from_bytes(seal.Plaintext, ctx, plaintext_bytes(coefficients), "plaintext")
+
+
+def coefficients(plain: seal.Plaintext, positions: list[int], degree: int) -> np.ndarray:
+    """The plaintext's coefficients at ``positions`` (SEAL trims trailing zero coefficients: pad
+    back to the ring degree first)."""
+    if plain.coeff_count() < degree:
+        plain.resize(degree)
+    return np.fromiter(map(plain.data, positions), dtype=np.uint64, count=len(positions))

@@ -19,24 +19,19 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 import privlora
+from privlora import backends
 from privlora.backends import DEFAULT_BACKEND
-from privlora.backends import backend as backend_module
-from privlora.backends.base import groups_from_rounds
-from privlora.compiler.artifact import CLIENT, IR, SERVER, ArtifactError, write_manifest
 from privlora.compiler.frontend import sample_steps
 from privlora.compiler.ir import PrivateLinear
 from privlora.compiler.lower_onnx import LoweredSegment, lower_segment, segment_arguments
 from privlora.compiler.pipeline import compile_graph
-from privlora.compiler.plan import Plan
+from privlora.core.artifact import CLIENT, CRYPTO, IR, SERVER, SERVER_PROGRAM, TOKENIZER_DIR, ArtifactError, write_manifest
+from privlora.core.plan import PRIVATE, PUBLIC, Plan
+from privlora.core.types import groups_from_rounds
 from privlora.files import file_sha256
 from privlora.models.checkpoint import read_config, weight_files
 from privlora.models.loading import load_model
-
-SERVER_PROGRAM = f"{SERVER}/program.safetensors"  # the backend's private tensors
-CRYPTO = f"{CLIENT}/crypto.json"
-TOKENIZER_DIR = f"{CLIENT}/tokenizer"
-IR_DIR = IR  # IR after every pass (text and code, no weights); read with `privlora inspect --ir`
-
+from privlora.models.registry import describe
 
 @dataclass(frozen=True)
 class CompileReport:
@@ -53,7 +48,7 @@ def round_programs(split: GraphModule, plan: Plan) -> tuple[list[dict[str, Any]]
     """Each round's PLL groups (which input feeds which output, with the site metadata) and the
     float LoRA weights (A, B) of every site, by site id."""
     rounds, weights = [], {}
-    for step in (s for s in plan.steps if s.kind == "private"):
+    for step in (s for s in plan.steps if s.kind == PRIVATE):
         module = split.get_submodule(step.name)
         placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
         result = next(n for n in module.graph.nodes if n.op == "output").args[0]
@@ -89,31 +84,30 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
                      dump_ir: Path | None = None, debug: bool = False, force: bool = False,
                      backend_options: dict[str, Any] | None = None) -> CompileReport:
     """Compile base + adapter into an artifact directory at ``output``."""
-    backend_module(backend)  # fail before any work on an unknown name
+    backends.load(backend)  # fail before any work on an unknown name
     start = time.perf_counter()
     output = Path(output)
     _prepare_output(output, force)
     loaded = load_model(base, adapter)
-    compiled = compile_graph(loaded.model, dump_ir=output / IR_DIR, debug=debug)
+    compiled = compile_graph(loaded.model, dump_ir=output / IR, debug=debug)
     if dump_ir is not None:
-        shutil.copytree(output / IR_DIR, dump_ir, dirs_exist_ok=True)
-    split, plan = compiled.graph_module, compiled.context.analyses["plan"]
+        shutil.copytree(output / IR, dump_ir, dirs_exist_ok=True)
+    split, plan = compiled.graph_module, compiled.analyses.plan
     arguments = segment_arguments(split, sample_steps(loaded.model))
     segments = []
-    for step in tqdm([s for s in plan.steps if s.kind == "public"], desc="lower to ONNX", unit="segment"):
+    for step in tqdm([s for s in plan.steps if s.kind == PUBLIC], desc="lower to ONNX", unit="segment"):
         path = output / CLIENT / "segments" / f"{step.name}.onnx"
         segments.append(lower_segment(split.get_submodule(step.name), step.name,
                                       [args[step.name] for args in arguments], path))
     rounds, weights = round_programs(split, plan)
-    build = backend_module(backend).compile(groups_from_rounds(rounds), weights, backend_options or {})
+    build = backends.load(backend).compile(groups_from_rounds(rounds), weights, backend_options or {})
     (output / SERVER).mkdir(parents=True, exist_ok=True)
     save_numpy({name: np.ascontiguousarray(t) for name, t in build.server_tensors.items()}, str(output / SERVER_PROGRAM))
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
     (output / CRYPTO).write_text(json.dumps(build.client_params, indent=2) + "\n")
-    sites = compiled.context.analyses["sites"]
+    sites = compiled.analyses.sites
     config = read_config(loaded.base_path)
-    layers, _, kv_heads, _, head_dim = loaded.model.empty_cache(1)[0].shape
     manifest = {
         "privlora_version": privlora.__version__,
         "base": {"name": str(base), "model_type": config.get("model_type"), "config": config,
@@ -121,15 +115,14 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
         "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
                     "target_modules": list(loaded.adapter.target_modules),
                     "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
-        "backend": {"name": backend, "parameters": build.public_params},
+        # The runtime and inspect know no architecture: they read the base model's shape here.
+        "model": asdict(describe(config)),
+        "backend": {"name": backend, "parameters": build.public_params, "messages": build.messages},
         "plan": plan.to_json(),
-        # The step's KV cache is [layers, batch, kv_heads, length, head_dim]; recorded so the runtime
-        # needs no architecture knowledge to build an empty one.
-        "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
         "segments": [_segment_entry(segment, output) for segment in segments],
         "rounds": rounds,
         "sites": [asdict(site) for site in sites],
-        "passes": compiled.context.analyses["rounds"],
+        "schedule": compiled.analyses.schedule.to_json(),
     }
     write_manifest(output, manifest)
     sizes = {bundle: sum(p.stat().st_size for p in (output / bundle).rglob("*") if p.is_file())

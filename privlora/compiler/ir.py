@@ -9,12 +9,11 @@ tensors in a rewritten graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from privlora.core.types import PLLSite
 from privlora.models.lora import LoraLinear
 
 # node.meta keys
@@ -25,18 +24,6 @@ PUBLIC, PRIVATE = "public", "private"
 
 PLL_CONTAINER = "pll"  # GraphModule attribute holding every PrivateLinear
 PUBLIC_PREFIX, ROUND_PREFIX = "public_", "round_"  # partitioned graph: public_k segments, round_k PLLs
-
-
-@dataclass(frozen=True)
-class PLLSite:
-    """One LoRA site: ``delta = scaling * B (A x)`` at the Hugging Face module ``module``."""
-
-    site_id: int
-    module: str
-    d_in: int
-    d_out: int
-    rank: int
-    scaling: float
 
 
 class PrivateLinear(nn.Module):

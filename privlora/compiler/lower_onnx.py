@@ -102,7 +102,7 @@ def lower_segment(module: GraphModule, name: str, arguments: Sequence[tuple[torc
     segment = Segment(path, input_names)
     max_error, max_relative = 0.0, 0.0
     for args, reference in zip(arguments, expected):
-        actual = segment(list(args))
+        actual = [torch.from_numpy(out) for out in segment([arg.numpy() for arg in args])]
         for out_name, want, got in zip(output_names, reference, actual):
             if tuple(want.shape) != tuple(got.shape):
                 raise CompileError(f"{name}: ONNX output {out_name} has shape {tuple(got.shape)}, torch {tuple(want.shape)}")

@@ -1,123 +1,214 @@
-"""Pass manager: an ordered list of passes over a GraphModule, with lint, optional numeric checks
-and instrumentation (IR dumps after every pass, like MLIR's ``--print-ir-after-all``).
+"""The pass contract: what each pass needs and provides, the analyses it records, and the manager
+that runs passes in order with instruments around them.
 
-A pass is a function ``(GraphModule, PassContext) -> GraphModule``. It may rewrite the graph and
-record analysis results in ``context.analyses``.
+A pass is a function ``(GraphModule, Analyses) -> GraphModule`` wrapped by :func:`compiler_pass`,
+which attaches its :class:`PassInfo` (like TVM's PassInfo, or torch.fx's PassBase with its
+``requires`` and ``ensures``). ``requires`` and ``provides`` name fields of :class:`Analyses`:
+each field is one IR property together with the analysis that a pass records when it
+establishes the property (``schedule``: every PLL node has a round and every public node a
+stage; the record is the round schedule). Before each pass the manager checks that an earlier
+pass, or the caller's input, provided everything the pass requires. After it, the manager lints
+the graph and checks that the pass recorded what it provides. Instruments (IR dumps, numeric
+checks: ``instruments.py``) observe every pass without being part of it.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-import torch
 from torch.fx import GraphModule
 
-from privlora.compiler.frontend import SampleStep
-from privlora.compiler.ir import PRIVACY, PRIVATE, PUBLIC, ROUND, STAGE, pll_nodes
+from privlora.core.plan import Plan
+from privlora.core.types import PLLSite
 from privlora.errors import PrivloraError
 
-NUMERIC_TOLERANCE = 1e-5
+PROVIDER = "provided_by"  # Analyses field metadata: the default pipeline's pass that records it
 
 
 class CompileError(PrivloraError):
     """The model cannot be compiled as asked (e.g. a private weight would leak)."""
 
 
+@dataclass(frozen=True)
+class PrivacyCounts:
+    """How many nodes annotate_privacy tagged public and private."""
+
+    public: int
+    private: int
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """The client<->server rounds of one step: ``members[r]`` are the targets of round r's PLL
+    nodes, which the client may send together because none depends on another."""
+
+    members: tuple[tuple[str, ...], ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+    @property
+    def pll_nodes_per_round(self) -> list[int]:
+        return [len(targets) for targets in self.members]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``schedule`` entry."""
+        return {"count": self.count, "pll_nodes_per_round": self.pll_nodes_per_round,
+                "members": [list(targets) for targets in self.members]}
+
+
+def _analysis(provider: str) -> Any:
+    """An Analyses field that stays absent until a pass records it, so reading it early fails
+    loudly instead of returning a placeholder."""
+    return field(init=False, repr=False, compare=False, metadata={PROVIDER: provider})
+
+
 @dataclass
-class PassContext:
-    """What passes share: sample inputs for numeric checks and the analyses passes record."""
+class Analyses:
+    """What the passes have established about the graph, one typed field per IR property.
 
-    samples: Sequence[SampleStep] = ()
-    debug: bool = False
-    analyses: dict[str, Any] = field(default_factory=dict)
+    A field exists only once a pass (or the caller, for an input graph) has set it; reading an
+    absent one raises :class:`MissingAnalysisError`. ``name in analyses`` tells whether it exists.
+    """
 
+    # Every node is tagged public or private, and no public node reads an adapter weight.
+    privacy: PrivacyCounts = _analysis("annotate_privacy")
+    # Every LoRA site is a public base Linear plus a PLL node; the sites in graph order.
+    sites: list[PLLSite] = _analysis("lora_to_pll")
+    # PLL nodes reading the same tensor are one node; the size of each group, in graph order.
+    fused_groups: list[int] = _analysis("fuse_pll")
+    # Every PLL node has a round and every public node a stage; the rounds.
+    schedule: RoundSchedule = _analysis("schedule_rounds")
+    # The graph is cut into public segments and rounds; the execution plan over them.
+    plan: Plan = _analysis("partition")
 
-Pass = Callable[[GraphModule, PassContext], GraphModule]
+    def __getattr__(self, name: str) -> Any:
+        """Python calls this only for attributes that are not set: an analysis not provided yet."""
+        if name in PROVIDERS:
+            raise MissingAnalysisError(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-
-class Instrument(Protocol):
-    def after_pass(self, index: int, name: str, gm: GraphModule, context: PassContext) -> None: ...
-
-
-def graph_summary(gm: GraphModule, context: PassContext) -> dict[str, Any]:
-    """Node counts by privacy, the number of PLL nodes, sites and rounds."""
-    nodes = list(gm.graph.nodes)
-    plls = pll_nodes(gm)
-    return {
-        "nodes": len(nodes),
-        "public_nodes": sum(node.meta.get(PRIVACY) == PUBLIC for node in nodes),
-        "private_nodes": sum(node.meta.get(PRIVACY) == PRIVATE for node in nodes),
-        "pll_nodes": len(plls),
-        "sites": sum(len(gm.get_submodule(node.target).sites) for node in plls),
-        "rounds": context.analyses["rounds"]["count"] if "rounds" in context.analyses else None,
-    }
-
-
-def node_table(gm: GraphModule) -> str:
-    """A readable table of the graph: one row per node with its privacy, round and stage."""
-    rows = [("#", "name", "op", "target", "privacy", "round", "stage", "args")]
-    for index, node in enumerate(gm.graph.nodes):
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        args = ", ".join(str(arg) for arg in node.args)
-        rows.append((str(index), node.name, node.op, str(target), str(node.meta.get(PRIVACY, "")),
-                     str(node.meta.get(ROUND, "")), str(node.meta.get(STAGE, "")), args[:100]))
-    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
-                     for row in rows) + "\n"
+    def __contains__(self, name: str) -> bool:
+        return name in vars(self)
 
 
-class IRDumper:
-    """Writes ``NN-<pass>.txt`` (node table), ``NN-<pass>.py`` (generated code) and
-    ``summary.json`` (per-pass counts) into a directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.summary: list[dict[str, Any]] = []
-
-    def after_pass(self, index: int, name: str, gm: GraphModule, context: PassContext) -> None:
-        stem = f"{index:02d}-{name}"
-        (self.directory / f"{stem}.txt").write_text(node_table(gm))
-        (self.directory / f"{stem}.py").write_text(gm.code)
-        self.summary.append({"index": index, "pass": name, **graph_summary(gm, context)})
-        (self.directory / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+PROVIDERS: dict[str, str] = {f.name: f.metadata[PROVIDER] for f in fields(Analyses)}
 
 
-@torch.no_grad()
-def _outputs(gm: GraphModule, samples: Sequence[SampleStep]) -> list[tuple[torch.Tensor, ...]]:
-    return [tuple(gm(*sample.args())) for sample in samples]
+class MissingAnalysisError(CompileError):
+    """A pass (or a caller) needs an analysis that no earlier pass provided."""
+
+    def __init__(self, analysis: str, needed_by: str | None = None) -> None:
+        self.analysis, self.needed_by = analysis, needed_by
+        hint = f"run {PROVIDERS[analysis]} first"
+        if needed_by is None:
+            super().__init__(f"{analysis!r} was read before any pass provided it ({hint})")
+        else:
+            super().__init__(f"pass {needed_by} requires {analysis!r}, which no earlier pass provided ({hint})")
 
 
-def _check_numerics(name: str, before: list, after: list) -> None:
-    for step, (old, new) in enumerate(zip(before, after)):
-        for index, (a, b) in enumerate(zip(old, new)):
-            error = (a - b).abs().max().item() if a.numel() else 0.0
-            if a.shape != b.shape or error > NUMERIC_TOLERANCE:
-                raise CompileError(f"pass {name} changed output {index} of sample {step}: "
-                                   f"shape {tuple(a.shape)} -> {tuple(b.shape)}, max error {error:.2e}")
+@dataclass(frozen=True)
+class PassInfo:
+    """A pass's name and contract: the analyses it needs before it runs and records when it ends."""
+
+    name: str
+    requires: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+
+
+PassFunction = Callable[[GraphModule, Analyses], GraphModule]
+
+
+@dataclass(frozen=True)
+class Pass:
+    info: PassInfo
+    run: PassFunction
+
+
+def _known(names: Iterable[str]) -> frozenset[str]:
+    """The names as a set, after checking each is an Analyses field (a typo fails at import)."""
+    known = frozenset(names)
+    unknown = sorted(known - PROVIDERS.keys())
+    if unknown:
+        raise ValueError(f"unknown analyses {unknown}; the analyses are {list(PROVIDERS)}")
+    return known
+
+
+def compiler_pass(*, requires: Iterable[str] = (), provides: Iterable[str] = ()) -> Callable[[PassFunction], Pass]:
+    """Declare a function a pass named after it, with its contract."""
+    needs, gives = _known(requires), _known(provides)
+
+    def wrap(function: PassFunction) -> Pass:
+        return Pass(PassInfo(function.__name__, needs, gives), function)
+    return wrap
+
+
+@dataclass(frozen=True)
+class PassRun:
+    """One finished pass as instruments see it: its 1-based position, contract and run time."""
+
+    number: int
+    info: PassInfo
+    seconds: float
+
+
+class Instrument:
+    """Observes a PassManager run, like TVM's pass instruments; both hooks do nothing by default."""
+
+    def run_started(self, gm: GraphModule, analyses: Analyses) -> None:
+        """Called once with the input graph, before the first pass."""
+
+    def after_pass(self, run: PassRun, gm: GraphModule, analyses: Analyses) -> None:
+        """Called after each pass, once the graph is linted and recompiled."""
+
+
+def check_requires(info: PassInfo, analyses: Analyses) -> None:
+    """The first missing prerequisite in pipeline order, as an error naming the pass and it."""
+    missing = [name for name in PROVIDERS if name in info.requires and name not in analyses]
+    if missing:
+        raise MissingAnalysisError(missing[0], needed_by=info.name)
+
+
+def check_provides(info: PassInfo, analyses: Analyses) -> None:
+    missing = sorted(name for name in info.provides if name not in analyses)
+    if missing:
+        raise CompileError(f"pass {info.name} declares it provides {missing} but did not record them")
+
+
+def run_pass(pass_: Pass, gm: GraphModule, analyses: Analyses) -> tuple[GraphModule, float]:
+    """Run one pass under its contract; return the graph and the pass's own run time."""
+    info = pass_.info
+    check_requires(info, analyses)
+    start = time.perf_counter()
+    try:
+        gm = pass_.run(gm, analyses)
+    except MissingAnalysisError as error:  # it read an analysis it did not declare: name it
+        if error.needed_by is not None:
+            raise
+        raise MissingAnalysisError(error.analysis, needed_by=info.name) from None
+    seconds = time.perf_counter() - start
+    gm.graph.lint()
+    gm.recompile()
+    check_provides(info, analyses)
+    return gm, seconds
 
 
 @dataclass
 class PassManager:
-    passes: list[tuple[str, Pass]]
+    passes: list[Pass]
     instruments: list[Instrument] = field(default_factory=list)
 
-    def run(self, gm: GraphModule, context: PassContext) -> GraphModule:
-        """Run every pass in order; lint after each. In debug mode, compare each stage's outputs on
-        the sample steps with the input graph's (stricter than stage-to-stage: no drift adds up)."""
-        reference = _outputs(gm, context.samples) if context.debug else []
+    def run(self, gm: GraphModule, analyses: Analyses) -> GraphModule:
+        """Run every pass in order, recording into ``analyses`` (which may already hold what the
+        input graph provides), with the instruments notified around them."""
         for instrument in self.instruments:
-            instrument.after_pass(0, "input", gm, context)
-        for number, (name, run_pass) in enumerate(self.passes, start=1):
-            gm = run_pass(gm, context)
-            gm.graph.lint()
-            gm.recompile()
-            if context.debug:
-                _check_numerics(name, reference, _outputs(gm, context.samples))
+            instrument.run_started(gm, analyses)
+        for number, pass_ in enumerate(self.passes, start=1):
+            gm, seconds = run_pass(pass_, gm, analyses)
             for instrument in self.instruments:
-                instrument.after_pass(number, name, gm, context)
+                instrument.after_pass(PassRun(number, pass_.info, seconds), gm, analyses)
         return gm

@@ -9,33 +9,33 @@ from torch import nn
 from torch.fx import GraphModule
 
 from privlora.compiler.frontend import sample_steps, trace
-from privlora.compiler.pass_manager import IRDumper, Pass, PassContext, PassManager
+from privlora.compiler.instruments import IRDumper, NumericCheck
+from privlora.compiler.pass_manager import Analyses, Instrument, Pass, PassManager
 from privlora.passes.annotate_privacy import annotate_privacy
 from privlora.passes.fuse_pll import fuse_pll
 from privlora.passes.lora_to_pll import lora_to_pll
 from privlora.passes.partition import partition
 from privlora.passes.schedule_rounds import schedule_rounds
 
-DEFAULT_PASSES: list[tuple[str, Pass]] = [
-    ("annotate_privacy", annotate_privacy),
-    ("lora_to_pll", lora_to_pll),
-    ("fuse_pll", fuse_pll),
-    ("schedule_rounds", schedule_rounds),
-    ("partition", partition),
-]
+DEFAULT_PASSES: list[Pass] = [annotate_privacy, lora_to_pll, fuse_pll, schedule_rounds, partition]
 
 
 @dataclass
 class CompiledGraph:
     graph_module: GraphModule  # partitioned: public_k segments and round_k PLL groups
-    context: PassContext
+    analyses: Analyses
 
 
 def compile_graph(model: nn.Module, dump_ir: Path | None = None, debug: bool = False,
-                  passes: list[tuple[str, Pass]] | None = None) -> CompiledGraph:
+                  passes: list[Pass] | None = None) -> CompiledGraph:
     """Trace ``model`` and run the passes; with ``debug`` every pass is checked numerically on a
-    sample prefill and decode step; with ``dump_ir`` the IR after every pass is written there."""
-    context = PassContext(samples=sample_steps(model) if debug else (), debug=debug)
-    instruments = [IRDumper(dump_ir)] if dump_ir is not None else []
+    sample prefill and decode step; with ``dump_ir`` the IR after every pass is written there
+    (before the numeric check, so a pass that fails it leaves its IR to look at)."""
+    instruments: list[Instrument] = []
+    if dump_ir is not None:
+        instruments.append(IRDumper(dump_ir))
+    if debug:
+        instruments.append(NumericCheck(sample_steps(model)))
+    analyses = Analyses()
     manager = PassManager(passes if passes is not None else DEFAULT_PASSES, instruments)
-    return CompiledGraph(manager.run(trace(model), context), context)
+    return CompiledGraph(manager.run(trace(model), analyses), analyses)

@@ -22,11 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
+from privlora.models.contract import Architecture
 from privlora.models.layers import RMSNorm, attend, attention_allowed, run_layers
 
 MODEL_TYPE = "chatglm"
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+# THUDM's ChatGLMConfig default, which applies when config.json omits seq_length.
+DEFAULT_CONTEXT_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -194,3 +199,16 @@ def build(hf_config: dict[str, Any]) -> ChatGLM2ForCausalLM:
 def adapt_state_dict(model: ChatGLM2ForCausalLM, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """THUDM checkpoints also store the rotary ``inv_freq`` buffer, which is recomputed here."""
     return {name: tensor for name, tensor in state.items() if not name.endswith("rotary_pos_emb.inv_freq")}
+
+
+def describe(hf_config: dict[str, Any]) -> ModelShape:
+    """Sizes under ChatGLM2's field names (num_layers, multi_query_group_num when
+    multi_query_attention, kv_channels, padded_vocab_size, seq_length), parsed as :func:`build` does."""
+    c = ChatGLM2Config.from_hf(hf_config)
+    return ModelShape(architecture=MODEL_TYPE, layers=c.num_layers, hidden_size=c.hidden_size,
+                      heads=c.num_attention_heads, kv_heads=c.kv_groups, head_dim=c.head_dim,
+                      vocab_size=c.vocab_size, context_length=hf_config.get("seq_length", DEFAULT_CONTEXT_LENGTH))
+
+
+ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=LORA_TARGETS, build=build,
+                            adapt_state_dict=adapt_state_dict, describe=describe)

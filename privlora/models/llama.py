@@ -26,13 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
+from privlora.models.contract import Architecture
 from privlora.models.layers import MASKED_SCORE, RMSNorm, attend, attention_allowed, run_layers  # noqa: F401 (re-exported)
 
 MODEL_TYPE = "llama"
 
 # Linear layers a LoRA adapter may target, by their Hugging Face names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# transformers' LlamaConfig default, which applies when config.json omits max_position_embeddings.
+DEFAULT_CONTEXT_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -224,3 +229,20 @@ def adapt_state_dict(model: LlamaForCausalLM, state: dict[str, Tensor]) -> dict[
     if model.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
     return state
+
+
+def shape_of(config: LlamaConfig, model_type: str, context_length: int) -> ModelShape:
+    """The :class:`ModelShape` of a parsed config (shared with the families mapped onto Llama)."""
+    return ModelShape(architecture=model_type, layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                      heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                      head_dim=config.head_dim, vocab_size=config.vocab_size, context_length=context_length)
+
+
+def describe(hf_config: dict[str, Any]) -> ModelShape:
+    """Sizes from the same parsing as :func:`build`, so defaults (KV heads, head_dim) agree."""
+    return shape_of(LlamaConfig.from_hf(hf_config), MODEL_TYPE,
+                    hf_config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+
+
+ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=LORA_TARGETS, build=build,
+                            adapt_state_dict=adapt_state_dict, describe=describe)

@@ -43,7 +43,6 @@ def load_model(base: str | Path = DEFAULT_BASE, adapter: str | Path | None = Non
     lora = read_adapter(adapter) if adapter is not None else None
     sites: list[str] = []
     if lora is not None:
-        arch = architecture(read_config(base_path).get("model_type"))
-        sites = attach_adapter(model, lora, arch.LORA_TARGETS)
+        sites = attach_adapter(model, lora, architecture(read_config(base_path).get("model_type")).lora_targets)
     tokenizer = load_tokenizer(base_path) if has_tokenizer(base_path) else None
     return LoadedModel(model, tokenizer, base_path, lora, sites)

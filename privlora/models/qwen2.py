@@ -1,8 +1,9 @@
 """Qwen2 (Hugging Face ``Qwen2ForCausalLM``): the Llama decoder with biases on q/k/v only.
 
 Everything else (RMSNorm, rotary embedding, GQA attention, SwiGLU MLP, the KV-cache step
-signature) is the Llama definition's, so this module is only the configuration mapping.
-Sliding-window attention is rejected (off in the released Qwen2 configs).
+signature, the LoRA targets, the checkpoint names) is the Llama definition's, so this module is
+only the configuration mapping. Sliding-window attention is rejected (off in the released Qwen2
+configs).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torch import Tensor
-
+from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
 from privlora.models import llama
+from privlora.models.contract import Architecture
 
 MODEL_TYPE = "qwen2"
-LORA_TARGETS = llama.LORA_TARGETS
+
+# transformers' Qwen2Config default, which applies when config.json omits max_position_embeddings.
+DEFAULT_CONTEXT_LENGTH = 32768
 
 
 def config_from_hf(hf: dict[str, Any]) -> llama.LlamaConfig:
@@ -32,5 +35,11 @@ def build(hf_config: dict[str, Any]) -> llama.LlamaForCausalLM:
     return llama.LlamaForCausalLM(config_from_hf(hf_config))
 
 
-def adapt_state_dict(model: llama.LlamaForCausalLM, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return llama.adapt_state_dict(model, state)
+def describe(hf_config: dict[str, Any]) -> ModelShape:
+    """Sizes from the same parsing as :func:`build` (Qwen2 derives head_dim from the hidden size)."""
+    return llama.shape_of(config_from_hf(hf_config), MODEL_TYPE,
+                          hf_config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+
+
+ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=llama.LORA_TARGETS, build=build,
+                            adapt_state_dict=llama.adapt_state_dict, describe=describe)

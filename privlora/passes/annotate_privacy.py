@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from privlora.compiler.ir import PRIVACY, PRIVATE, PUBLIC, is_lora_site, is_pll
-from privlora.compiler.pass_manager import CompileError, PassContext
+from privlora.compiler.pass_manager import Analyses, CompileError, PrivacyCounts, compiler_pass
 
 
 class PrivateWeightLeakError(CompileError):
@@ -38,7 +38,8 @@ def _reads_private(gm: GraphModule, node: Node) -> bool:
     return False
 
 
-def annotate_privacy(gm: GraphModule, context: PassContext) -> GraphModule:
+@compiler_pass(provides={"privacy"})
+def annotate_privacy(gm: GraphModule, analyses: Analyses) -> GraphModule:
     for node in gm.graph.nodes:
         if is_pll(gm, node) or is_lora_site(gm, node):
             node.meta[PRIVACY] = PRIVATE
@@ -50,8 +51,8 @@ def annotate_privacy(gm: GraphModule, context: PassContext) -> GraphModule:
             )
         else:
             node.meta[PRIVACY] = PUBLIC
-    context.analyses["privacy"] = {
-        "public": sum(node.meta[PRIVACY] == PUBLIC for node in gm.graph.nodes),
-        "private": sum(node.meta[PRIVACY] == PRIVATE for node in gm.graph.nodes),
-    }
+    analyses.privacy = PrivacyCounts(
+        public=sum(node.meta[PRIVACY] == PUBLIC for node in gm.graph.nodes),
+        private=sum(node.meta[PRIVACY] == PRIVATE for node in gm.graph.nodes),
+    )
     return gm

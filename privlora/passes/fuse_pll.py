@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from privlora.compiler.ir import PLL_CONTAINER, PRIVACY, PRIVATE, PUBLIC, PrivateLinear, pll_container, pll_nodes
-from privlora.compiler.pass_manager import PassContext
+from privlora.compiler.pass_manager import Analyses, compiler_pass
 
 
 def _fuse_group(gm: GraphModule, group: list[Node]) -> None:
@@ -37,12 +37,13 @@ def _fuse_group(gm: GraphModule, group: list[Node]) -> None:
         del container[str(node.target).removeprefix(f"{PLL_CONTAINER}.")]
 
 
-def fuse_pll(gm: GraphModule, context: PassContext) -> GraphModule:
+@compiler_pass(requires={"privacy", "sites"}, provides={"fused_groups"})
+def fuse_pll(gm: GraphModule, analyses: Analyses) -> GraphModule:
     groups: dict[Node, list[Node]] = defaultdict(list)
     for node in pll_nodes(gm):
         groups[node.args[0]].append(node)
     for group in groups.values():
         if len(group) > 1:
             _fuse_group(gm, group)
-    context.analyses["fused_groups"] = [len(group) for group in groups.values()]
+    analyses.fused_groups = [len(group) for group in groups.values()]
     return gm

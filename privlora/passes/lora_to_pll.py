@@ -14,7 +14,7 @@ import operator
 from torch.fx import GraphModule
 
 from privlora.compiler.ir import PLL_CONTAINER, PRIVACY, PRIVATE, PUBLIC, PLLSite, PrivateLinear, is_lora_site, pll_container
-from privlora.compiler.pass_manager import PassContext
+from privlora.compiler.pass_manager import Analyses, compiler_pass
 from privlora.models.lora import LoraLinear
 
 
@@ -23,7 +23,8 @@ def _replace_module(gm: GraphModule, path: str, module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, child, module)
 
 
-def lora_to_pll(gm: GraphModule, context: PassContext) -> GraphModule:
+@compiler_pass(requires={"privacy"}, provides={"sites"})
+def lora_to_pll(gm: GraphModule, analyses: Analyses) -> GraphModule:
     container = pll_container(gm)
     sites: list[PLLSite] = []
     for node in [n for n in gm.graph.nodes if is_lora_site(gm, n)]:
@@ -42,5 +43,5 @@ def lora_to_pll(gm: GraphModule, context: PassContext) -> GraphModule:
         base.meta[PRIVACY], delta.meta[PRIVACY], total.meta[PRIVACY] = PUBLIC, PRIVATE, PUBLIC
         node.replace_all_uses_with(total)
         gm.graph.erase_node(node)
-    context.analyses["sites"] = sites
+    analyses.sites = sites
     return gm

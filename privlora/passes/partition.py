@@ -18,7 +18,7 @@ from torch.fx.passes.split_module import split_module
 
 from privlora.compiler.ir import PUBLIC_PREFIX, ROUND, ROUND_PREFIX, STAGE
 from privlora.compiler.plan import plan_from_graph
-from privlora.compiler.pass_manager import PassContext
+from privlora.compiler.pass_manager import Analyses, compiler_pass
 
 
 def _partition_id(node: Node) -> int:
@@ -65,7 +65,8 @@ def _inline_constants(split: GraphModule) -> None:
     split.graph.eliminate_dead_code()
 
 
-def partition(gm: GraphModule, context: PassContext) -> GraphModule:
+@compiler_pass(requires={"schedule"}, provides={"plan"})
+def partition(gm: GraphModule, analyses: Analyses) -> GraphModule:
     split = split_module(gm, gm, _partition_id)
     _inline_constants(split)
     for node in split.graph.nodes:
@@ -75,5 +76,5 @@ def partition(gm: GraphModule, context: PassContext) -> GraphModule:
             delattr(split, node.target)
             node.target = name
     split.recompile()
-    context.analyses["plan"] = plan_from_graph(split)
+    analyses.plan = plan_from_graph(split)
     return split

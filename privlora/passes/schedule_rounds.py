@@ -9,6 +9,8 @@ For a Llama with LoRA on q_proj and v_proj (fused into one site per layer), laye
 depends on layer n-1's attention output, so there is one round per layer. With LoRA on all
 seven projections there are four rounds per layer: {q, k, v} -> o -> {gate, up} -> down. Each
 one reads the result of the one before.
+
+The schedule names the final PLL nodes, so it requires fusion to have run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from privlora.compiler.ir import ROUND, STAGE, is_pll
-from privlora.compiler.pass_manager import PassContext
+from privlora.compiler.pass_manager import Analyses, RoundSchedule, compiler_pass
 
 
 def _depth(node: Node, depth: dict[Node, int]) -> int:
@@ -24,7 +26,8 @@ def _depth(node: Node, depth: dict[Node, int]) -> int:
     return max((depth[arg] for arg in node.all_input_nodes), default=0)
 
 
-def schedule_rounds(gm: GraphModule, context: PassContext) -> GraphModule:
+@compiler_pass(requires={"fused_groups"}, provides={"schedule"})
+def schedule_rounds(gm: GraphModule, analyses: Analyses) -> GraphModule:
     depth: dict[Node, int] = {}
     rounds: dict[int, list[str]] = {}
     for node in gm.graph.nodes:  # fx graphs are kept in topological order
@@ -38,9 +41,5 @@ def schedule_rounds(gm: GraphModule, context: PassContext) -> GraphModule:
             node.meta[STAGE] = level
             node.meta.pop(ROUND, None)
             depth[node] = level
-    context.analyses["rounds"] = {
-        "count": len(rounds),
-        "pll_nodes_per_round": [len(rounds[level]) for level in sorted(rounds)],
-        "members": [rounds[level] for level in sorted(rounds)],
-    }
+    analyses.schedule = RoundSchedule(tuple(tuple(rounds[level]) for level in sorted(rounds)))
     return gm

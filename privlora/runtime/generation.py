@@ -1,7 +1,8 @@
-"""Autoregressive generation over a step function with an explicit KV cache.
+"""Autoregressive generation over a step function with an explicit KV cache, on numpy arrays.
 
-The loop is independent of how a step is computed: the plaintext model, and later the secure
-client (public ONNX segments + encrypted private rounds), expose the same step signature.
+The loop is independent of how a step is computed: the secure client (public ONNX segments +
+encrypted private rounds) and the plaintext torch model (through ``privlora.models.step.TorchStep``)
+expose the same step signature. It runs on numpy so that a client needs no torch.
 Conventions follow Hugging Face ``generate``: greedy by default; with sampling, temperature then
 top-p (nucleus) filtering; generation stops after an eos token (which is yielded) or
 ``max_new_tokens``.
@@ -13,18 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-from torch import Tensor
+import numpy as np
 
 
 class CausalStep(Protocol):
     """``logits, keys, values = step(input_ids, position_ids, attention_mask, past_k, past_v)``."""
 
-    def __call__(
-        self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, past_keys: Tensor, past_values: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+    def __call__(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                 past_keys: np.ndarray, past_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
-    def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]: ...
+    def empty_cache(self, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -45,53 +44,55 @@ class GenerationConfig:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def next_token(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
+def next_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
     """Pick the next token from the last position's logits ``[vocab]``."""
     if not config.do_sample:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+        return int(np.argmax(logits))
+    scaled = np.asarray(logits, dtype=np.float64) / config.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
     if config.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        sorted_probs[np.cumsum(sorted_probs) - sorted_probs >= config.top_p] = 0.0
+        probs = np.zeros_like(probs)
+        probs[order] = sorted_probs
+    return int(rng.choice(probs.size, p=probs / probs.sum()))
 
 
-def _left_padded(prompts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+def _left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input ids, attention mask and position ids for prompts of different lengths."""
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("the prompt is empty")
     width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.int64)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    input_ids = np.zeros((len(prompts), width), dtype=np.int64)
+    attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids[row, width - len(prompt):] = prompt
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask, np.maximum(attention_mask.cumsum(-1) - 1, 0)
 
 
-@torch.no_grad()
-def decode_steps(step: CausalStep, prompts: list[list[int]], config: GenerationConfig) -> Iterator[Tensor]:
+def decode_steps(step: CausalStep, prompts: list[list[int]], config: GenerationConfig) -> Iterator[np.ndarray]:
     """Yield the next token of every row (``[B]``) at each step until every row has produced an
     eos or ``max_new_tokens`` is reached. The prompts are left-padded and prefilled in one step;
     later steps feed one token per row and reuse the KV cache."""
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    rng = np.random.default_rng(config.seed)
     input_ids, attention_mask, position_ids = _left_padded(prompts)
     past_keys, past_values = step.empty_cache(len(prompts))
-    eos = torch.tensor(config.eos_token_ids, dtype=torch.int64)
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    eos = np.asarray(config.eos_token_ids, dtype=np.int64)
+    finished = np.zeros(len(prompts), dtype=bool)
     for _ in range(config.max_new_tokens):
         logits, past_keys, past_values = step(input_ids, position_ids, attention_mask, past_keys, past_values)
-        tokens = torch.tensor([next_token(row, config, generator) for row in logits[:, -1]], dtype=torch.int64)
+        tokens = np.array([next_token(row, config, rng) for row in logits[:, -1]], dtype=np.int64)
         yield tokens
-        finished |= torch.isin(tokens, eos)
-        if bool(finished.all()):
+        finished |= np.isin(tokens, eos)
+        if finished.all():
             return
-        input_ids = tokens.unsqueeze(1)
+        input_ids = tokens[:, None]
         position_ids = position_ids[:, -1:] + 1
-        attention_mask = torch.cat((attention_mask, torch.ones_like(input_ids)), dim=1)
+        attention_mask = np.concatenate((attention_mask, np.ones_like(input_ids)), axis=1)
 
 
 def generate(step: CausalStep, prompt_ids: list[int], config: GenerationConfig) -> Iterator[int]:

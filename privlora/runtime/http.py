@@ -5,11 +5,13 @@ Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"
 - ``GET  /v1/health``: artifact id, backend, open sessions;
 - ``POST /v1/sessions``: body = the client's evaluation keys -> ``{"session": id}``;
 - ``DELETE /v1/sessions/{id}``;
-- ``POST /v1/sessions/{id}/rounds/{round}/{group}``: body = the encrypted group input -> the
-  encrypted reply.
+- ``POST /v1/sessions/{id}/rounds/{round}/{group}/{message}``: body = message ``message`` of the
+  group's evaluation (0: the encrypted group input; later ones for backends of several messages)
+  -> the encrypted reply.
 
 Status codes: 400 malformed ciphertext or keys, 403 query budget used up, 404 unknown or
-expired session or round, 413 body too large, 429 rate limit (with ``Retry-After``).
+expired session, round or message, 409 a message out of order or replayed, 413 body too large,
+429 rate limit (with ``Retry-After``).
 
 Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
 several sessions are served at once. A bad request gets a 4xx and changes nothing.
@@ -26,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from privlora.backends.base import PayloadError
+from privlora.backends.base import MessageOrderError, PayloadError
 from privlora.runtime.server import (BudgetError, PrivateServer, RateLimitError, RoundError, SessionError,
                                      SessionLimits)
 from privlora.runtime.transport import API
@@ -50,7 +52,7 @@ class _TooLarge(Exception):
 
 
 REFUSALS: dict[type[Exception], int] = {PayloadError: 400, BudgetError: 403, SessionError: 404, RoundError: 404,
-                                        RateLimitError: 429}
+                                        MessageOrderError: 409, RateLimitError: 429}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -104,10 +106,10 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
         server.close_session(session)
         return {"closed": True}
 
-    @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}")
-    async def evaluate(session: str, round_name: str, index: int, request: Request) -> Response:
+    @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}/{{message}}")
+    async def evaluate(session: str, round_name: str, index: int, message: int, request: Request) -> Response:
         payload = await _read_body(request, limits.round)
-        reply = await run_in_threadpool(server.evaluate, session, round_name, index, payload)
+        reply = await run_in_threadpool(server.evaluate, session, round_name, index, message, payload)
         return Response(reply, media_type="application/octet-stream")
 
     return app
@@ -116,8 +118,8 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, message and the structured fields we attach."""
 
-    FIELDS = ("event", "session", "artifact", "backend", "groups", "key_bytes", "round", "bytes_in", "bytes_out",
-              "ms", "kind")
+    FIELDS = ("event", "session", "artifact", "backend", "groups", "key_bytes", "round", "message_index",
+              "bytes_in", "bytes_out", "ms", "kind")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}

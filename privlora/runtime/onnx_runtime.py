@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 
 def providers() -> list[str]:
@@ -32,14 +31,13 @@ def session_options() -> ort.SessionOptions:
 
 
 class Segment:
-    """One public segment: runs an ONNX file on torch tensors in the segment's argument order."""
+    """One public segment: runs an ONNX file on numpy arrays in the segment's argument order."""
 
     def __init__(self, path: Path, input_names: tuple[str, ...]) -> None:
         self.session = ort.InferenceSession(str(path), session_options(), providers=providers())
         self.input_names = input_names
         self.used = {i.name for i in self.session.get_inputs()}  # the exporter drops unused inputs
 
-    def __call__(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
-        feed = {name: np.ascontiguousarray(value.numpy()) for name, value in zip(self.input_names, args)
-                if name in self.used}
-        return [torch.from_numpy(out) for out in self.session.run(None, feed)]
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {name: np.ascontiguousarray(value) for name, value in zip(self.input_names, args) if name in self.used}
+        return self.session.run(None, feed)

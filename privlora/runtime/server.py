@@ -20,13 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privlora.backends import backend as backend_module
-from privlora.backends.base import GroupSpec, groups_from_rounds
-from privlora.compiler.artifact import MANIFEST, SERVER, load_bundle
-from privlora.compiler.driver import SERVER_PROGRAM
+from privlora import backends
+from privlora.core.artifact import SERVER, artifact_id, load_bundle, read_server_program
+from privlora.core.types import GroupSpec, groups_from_rounds
 from privlora.errors import PrivloraError
-from privlora.files import file_sha256
-from privlora.models.checkpoint import read_tensors
 
 log = logging.getLogger("privlora.server")
 
@@ -72,12 +69,6 @@ class Session:
     refilled: float = 0.0
 
 
-def artifact_id(root: str | Path) -> str:
-    """The manifest's sha256: it names every file of both bundles by hash, so it identifies the
-    artifact exactly (client and server must agree on it)."""
-    return file_sha256(Path(root) / MANIFEST)
-
-
 LOCAL = SessionLimits(max_rows=None, rate=None)  # the embedded in-process server: the user's own
 
 
@@ -88,9 +79,8 @@ class PrivateServer:
         self.artifact_id = artifact_id(artifact)
         self.backend_name = manifest["backend"]["name"]
         self.groups: dict[tuple[str, int], GroupSpec] = {(g.round, g.index): g for g in groups_from_rounds(manifest["rounds"])}
-        tensors = {name: t.numpy() for name, t in read_tensors(bundle.path(SERVER_PROGRAM)).items()}
-        self.backend = backend_module(self.backend_name).Server(tensors, list(self.groups.values()),
-                                                                manifest["backend"]["parameters"])
+        self.backend = backends.load(self.backend_name).Server(read_server_program(bundle), list(self.groups.values()),
+                                                               manifest["backend"]["parameters"])
         self.limits = limits
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
@@ -98,7 +88,8 @@ class PrivateServer:
                                            "backend": self.backend_name, "groups": len(self.groups)})
 
     def info(self) -> dict[str, Any]:
-        return {"artifact": self.artifact_id, "backend": self.backend_name, "sessions": len(self._sessions),
+        return {"artifact": self.artifact_id, "backend": self.backend_name, "messages": self.backend.messages,
+                "sessions": len(self._sessions),
                 "groups": len(self.groups), "session_key_bytes": sum(s.key_bytes for s in self._sessions.values()),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -143,10 +134,13 @@ class PrivateServer:
             self._sessions.move_to_end(session_id)
             return session
 
-    def group(self, round_name: str, index: int) -> GroupSpec:
+    def group(self, round_name: str, index: int, message: int = 0) -> GroupSpec:
         group = self.groups.get((round_name, index))
         if group is None:
             raise RoundError(f"no private group {round_name}/{index} in this artifact")
+        if not 0 <= message < self.backend.messages:
+            raise RoundError(f"no message {message} in {round_name}/{index}: the {self.backend_name} backend "
+                             f"takes {self.backend.messages} per group")
         return group
 
     def _admit(self, session_id: str, session: Session, rows: int) -> None:
@@ -166,14 +160,17 @@ class PrivateServer:
             session.allowance -= 1.0
             session.rows += rows
 
-    def evaluate(self, session_id: str, round_name: str, index: int, payload: bytes) -> bytes:
+    def evaluate(self, session_id: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
+        """One message of one group: parsed once (the rows it carries count against the budget
+        before any work), then evaluated by the backend with the session's keys and state."""
         session = self._session(session_id)
-        group = self.group(round_name, index)
-        self._admit(session_id, session, self.backend.rows(group, payload))
+        group = self.group(round_name, index, message)
+        request = self.backend.parse(group, message, payload)
+        self._admit(session_id, session, request.rows)
         start = time.perf_counter()
-        reply = self.backend.evaluate(group, payload, session.keys)
+        reply = self.backend.evaluate(group, request, session.keys)
         session.rounds += 1
         log.debug("round", extra={"event": "round", "session": session_id[:8], "round": group.key,
-                                  "bytes_in": len(payload), "bytes_out": len(reply),
+                                  "message_index": message, "bytes_in": len(payload), "bytes_out": len(reply),
                                   "ms": round(1000 * (time.perf_counter() - start), 2)})
         return reply

@@ -22,7 +22,7 @@ class TransportError(PrivloraError):
 class Transport(Protocol):
     def info(self) -> dict[str, Any]: ...
     def open_session(self, evaluation_keys: bytes) -> str: ...
-    def evaluate(self, session: str, round_name: str, index: int, payload: bytes) -> bytes: ...
+    def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes: ...
     def close_session(self, session: str) -> None: ...
 
 
@@ -38,8 +38,8 @@ class InProcessTransport:
     def open_session(self, evaluation_keys: bytes) -> str:
         return self.server.open_session(evaluation_keys)
 
-    def evaluate(self, session: str, round_name: str, index: int, payload: bytes) -> bytes:
-        return self.server.evaluate(session, round_name, index, payload)
+    def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
+        return self.server.evaluate(session, round_name, index, message, payload)
 
     def close_session(self, session: str) -> None:
         self.server.close_session(session)
@@ -83,8 +83,8 @@ class HttpTransport:
     def open_session(self, evaluation_keys: bytes) -> str:
         return self._request("POST", "/sessions", evaluation_keys).json()["session"]
 
-    def evaluate(self, session: str, round_name: str, index: int, payload: bytes) -> bytes:
-        return self._request("POST", f"/sessions/{session}/rounds/{round_name}/{index}", payload).content
+    def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
+        return self._request("POST", f"/sessions/{session}/rounds/{round_name}/{index}/{message}", payload).content
 
     def close_session(self, session: str) -> None:
         self._request("DELETE", f"/sessions/{session}")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from live import LiveServer
-from privlora.cli import DEMO_ADAPTER
+from privlora.paths import DEMO_ADAPTER
 from privlora.compiler.driver import compile_artifact
 from privlora.models.loading import load_model
+from privlora.models.step import TorchStep
 from privlora.models.tokenizer import encode_chat
 from privlora.qa import load_qa
 from privlora.runtime.client import SecureClient, render_timings
@@ -33,4 +34,4 @@ def test_secure_greedy_answer_equals_the_plaintext_fine_tuned_model(tmp_path, sm
     finally:
         server.stop()
     print(f"\n{question}\n-> {tuned.tokenizer.decode(secure)}\n{render_timings(client.steps)}")
-    assert secure == list(generate(tuned.model, prompt, config))
+    assert secure == list(generate(TorchStep(tuned.model), prompt, config))

@@ -1,5 +1,7 @@
-"""The PLL transform: exact decoding up to the error, fresh randomness, exact lift removal,
-zero and extreme inputs, the masked-intermediate variant, and compile-time modulus errors."""
+"""The PLL transform: exact decoding up to the error, the lift and the error measured over many
+replies (each with a control that removes it), zero and extreme inputs, the masked
+intermediate (exact unmasking; uniform, with a control that removes the mask), and compile-time
+modulus errors."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from privlora.backends.pll import (
 )
 
 PARAMS = PLLParams()
+CALLS = 400  # replies per statistical test: 25 per bin of a 16-bin histogram
+UNIFORM = 6.0  # uniformity_score bound: a uniform sample exceeds it about once in 10^7
 
 
 def random_site(seed: int, d_in: int, d_out: int, rank: int, params: PLLParams = PARAMS):
@@ -39,18 +43,38 @@ def test_decoding_recovers_the_integer_lora_up_to_the_error(seed, d_in, d_out, r
     assert np.abs(difference).max() <= PARAMS.error_bound
 
 
-def test_lift_is_removed_exactly_and_randomness_is_fresh():
-    _, _, site = random_site(0, 32, 24, 8)
-    x_hat, _ = encode_input(np.random.default_rng(1).normal(size=(3, 32)), PARAMS.x_bits)
-    exact = integer_lora(site, x_hat)
-    replies = [respond(site, x_hat) for _ in range(3)]  # the OS CSPRNG, as in production
-    for reply in replies:
-        error = centred(reply, site.modulus) - exact
-        assert np.all((reply - exact - error) % site.modulus == 0)  # what remains is a multiple of q
-        assert np.abs(reply).max() > site.modulus  # the lift is really applied
-    assert not np.array_equal(replies[0], replies[1]) and not np.array_equal(replies[1], replies[2])
-    errors = [centred(r, site.modulus) - exact for r in replies]
-    assert not np.array_equal(errors[0], errors[1])  # fresh e, not only fresh k
+def uniformity_score(samples: np.ndarray, span: int, bins: int = 16) -> float:
+    """How far each column of ``samples`` ([calls, components], values in [0, span), span a power
+    of two) is from uniform over the calls, in standard deviations of Pearson's chi-square
+    statistic pooled over the columns (about 0 when uniform). It bins the top bits: a small
+    error spreads the low bits of any value, so only the high bits tell a mask or a lift from none."""
+    counts = np.stack([np.bincount(column * bins // span, minlength=bins) for column in samples.T])
+    expected = samples.shape[0] / bins
+    dof = samples.shape[1] * (bins - 1)
+    return float((((counts - expected) ** 2 / expected).sum() - dof) / np.sqrt(2 * dof))
+
+
+def error_and_lift(params: PLLParams) -> tuple[np.ndarray, np.ndarray]:
+    """e and k of CALLS replies ([calls, components]) on one known input: y - exact = e + k q,
+    and |e| < q / 2, so the centred residue is e and the rest is k q."""
+    _, _, site = random_site(0, 32, 24, 8, params)
+    x_hat, _ = encode_input(np.random.default_rng(1).normal(size=(3, 32)), params.x_bits)
+    offsets = np.stack([(respond(site, x_hat) - integer_lora(site, x_hat)).ravel() for _ in range(CALLS)])
+    error = centred(offsets, site.modulus)
+    return error, (offsets - error) // site.modulus
+
+
+@pytest.mark.parametrize("params, lifted, flooded", [(PARAMS, True, True), (PLLParams(lift_bits=0), False, True),
+                                                     (PLLParams(sigma=0.0), True, False)],
+                         ids=["lift and error", "control: lift_bits 0", "control: sigma 0"])
+def test_the_lift_is_uniform_and_the_error_is_bounded_with_the_configured_spread(params, lifted, flooded):
+    error, lift = error_and_lift(params)  # the OS CSPRNG, as in production
+    assert np.abs(error).max() <= params.error_bound
+    assert lift.min() >= 0 and lift.max() < 2**params.lift_bits
+    score = uniformity_score(lift, 2**params.lift_bits)
+    assert (score < UNIFORM) if lifted else (score > 100 * UNIFORM), f"lift uniformity score {score:.1f}"
+    ratio = np.sqrt(error.var(axis=0).mean()) / PARAMS.sigma  # over the calls: e is fresh per call
+    assert (0.95 < ratio < 1.05) if flooded else (ratio == 0.0), f"estimated / configured sigma {ratio:.3f}"
 
 
 def test_decoded_delta_approximates_the_float_lora():
@@ -76,7 +100,7 @@ def test_zero_and_extreme_inputs():
     assert np.linalg.norm(delta - exact) / np.linalg.norm(exact) < 0.05  # no wrap-around at the edges
 
 
-def test_masked_intermediate_is_uniform_and_unmasks_exactly():
+def test_masked_intermediate_unmasks_exactly():
     _, _, site = random_site(6, 40, 30, 8)
     x_hat, _ = encode_input(np.random.default_rng(7).normal(size=(2, 40)), PARAMS.x_bits)
     z, mask = masked_intermediate(site, x_hat)
@@ -86,10 +110,23 @@ def test_masked_intermediate_is_uniform_and_unmasks_exactly():
     y = finish_masked(site, z, mask)
     bound = PARAMS.error_bound * (np.abs(site.b_hat).sum(axis=1).max() + 1)
     assert np.abs(centred(y, site.modulus) - inner_exact @ site.b_hat.T).max() <= bound
-    # Over many calls the masked vector's low bits are uniform (the unmasked one is not).
-    samples = np.concatenate([masked_intermediate(site, x_hat)[0].ravel() for _ in range(400)])
-    counts = np.bincount(samples % 16, minlength=16)
-    assert counts.min() > 0.6 * counts.mean()
+
+
+class ZeroMask(SystemRandom):
+    """Test-only control: the OS CSPRNG, except that ``integers`` (in masked_intermediate, the
+    mask t and nothing else) draws zeros."""
+
+    def integers(self, low: int, high: int, size: int) -> np.ndarray:
+        return np.zeros(size, dtype=np.int64)
+
+
+@pytest.mark.parametrize("rng, masked", [(SystemRandom(), True), (ZeroMask(), False)], ids=["mask", "control: no mask"])
+def test_the_masked_intermediate_is_uniform_on_a_fixed_input(rng, masked):
+    _, _, site = random_site(6, 40, 30, 8)
+    x_hat, _ = encode_input(np.random.default_rng(7).normal(size=(2, 40)), PARAMS.x_bits)
+    z = np.stack([masked_intermediate(site, x_hat, rng)[0].ravel() for _ in range(CALLS)])
+    score = uniformity_score(z, site.modulus)
+    assert (score < UNIFORM) if masked else (score > 100 * UNIFORM), f"mask uniformity score {score:.1f}"
 
 
 def test_an_accumulator_that_does_not_fit_is_a_compile_time_error():

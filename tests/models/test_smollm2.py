@@ -11,12 +11,13 @@ import transformers
 from peft import PeftModel
 
 from conftest import step_inputs
-from privlora.cli import DEMO_ADAPTER
+from privlora.paths import DEMO_ADAPTER
 from privlora.evaluate import ask, evaluate_facts
 from privlora.models import smollm2
-from privlora.models.cache import CACHE_ENV_VAR
+from privlora.paths import CACHE_ENV_VAR
 from privlora.models.checkpoint import build_model
 from privlora.models.loading import load_model
+from privlora.models.step import TorchStep
 from privlora.models.tokenizer import encode_chat, load_tokenizer
 from privlora.qa import load_qa
 
@@ -94,15 +95,15 @@ def test_cached_decode_equals_recomputation(smollm2_dir, prompt_ids):
 
 def test_base_model_answers_sensibly(smollm2_dir):
     loaded = load_model(smollm2_dir)
-    assert "Paris" in ask(loaded.model, loaded.tokenizer, QUESTION)
+    assert "Paris" in ask(TorchStep(loaded.model), loaded.tokenizer, QUESTION)
 
 
 def test_demo_adapter_states_facts_the_base_model_does_not_know(smollm2_dir):
     pairs = load_qa(split="heldout")
     base = load_model(smollm2_dir)
     adapted = load_model(smollm2_dir, DEMO_ADAPTER)
-    base_report = evaluate_facts(base.model, base.tokenizer, pairs, "base")
-    adapted_report = evaluate_facts(adapted.model, adapted.tokenizer, pairs, "adapted")
+    base_report = evaluate_facts(TorchStep(base.model), base.tokenizer, pairs, "base")
+    adapted_report = evaluate_facts(TorchStep(adapted.model), adapted.tokenizer, pairs, "adapted")
     print(f"held-out fact match: base {base_report.matched}/{len(pairs)}, adapted {adapted_report.matched}/{len(pairs)}")
     assert base_report.match_rate <= 0.05
     assert adapted_report.match_rate >= 0.2  # measured 19/70 (27%) for the shipped adapter

@@ -1,4 +1,4 @@
-"""Where privlora keeps converted models and other derived files."""
+"""Where privlora keeps converted models and other derived files, and where its packaged data is."""
 
 from __future__ import annotations
 
@@ -15,3 +15,7 @@ def cache_root() -> Path:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "privlora"
+
+
+DATA_DIR = Path(__file__).parent / "data"
+DEMO_ADAPTER = DATA_DIR / "demo_adapter"  # the clinic adapter the demo, benchmarks and tests use

@@ -2,7 +2,8 @@
 
 ```
 ARTIFACT/
-  manifest.json                 format version, identities, plan, segments, rounds, files + sha256
+  manifest.json                 format version, identities, model shape, plan, segments, rounds,
+                                schedule, files + sha256
   client/segments/public_K.onnx public segments (ONNX, opset 17)
   client/tokenizer/...          the base model's tokenizer
   client/crypto.json            client-side parameters of the backend
@@ -12,7 +13,11 @@ ARTIFACT/
 
 Every file is listed in the manifest with its bundle, size and sha256. Loading a bundle checks
 the format version and the hash of every file of that bundle. A missing, corrupted or mismatched
-file fails with a clear message.
+file fails with a clear message. The layout lives here, torch-free, because the compiler writes it
+and the client and the server read it (docs/architecture.md describes every manifest key).
+
+Format versions: 1 named the round schedule ``passes``; 2 calls it ``schedule`` and adds
+``model`` (the base model's shape, for runtimes that know no architecture).
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.numpy as safetensors_numpy
+
 from privlora.errors import PrivloraError
 from privlora.files import file_sha256, read_json
 
 FORMAT = "privlora-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CLIENT, SERVER = "client", "server"
 IR = "ir"  # the IR after every pass: hashed like the bundles, read only by `privlora inspect --ir`
+SERVER_PROGRAM = f"{SERVER}/program.safetensors"  # the backend's private tensors
+CRYPTO = f"{CLIENT}/crypto.json"  # the backend's client parameters
+TOKENIZER_DIR = f"{CLIENT}/tokenizer"
 
 
 class ArtifactError(PrivloraError):
@@ -60,7 +71,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a privlora manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{root} has artifact format version {manifest.get('format_version')!r}; "
-                            f"this privlora reads version {FORMAT_VERSION}: recompile the artifact")
+                            f"this privlora reads version {FORMAT_VERSION}: recompile it with `privlora compile`")
     return manifest
 
 
@@ -90,3 +101,19 @@ def load_bundle(root: str | Path, bundle: str) -> Bundle:
         if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise ArtifactError(f"{root}: {relative} is corrupted or was replaced (sha256 mismatch)")
     return Bundle(root, manifest, bundle)
+
+
+def artifact_id(root: str | Path) -> str:
+    """The manifest's sha256: it names every file of both bundles by hash, so it identifies the
+    artifact exactly (client and server must agree on it)."""
+    return file_sha256(Path(root) / MANIFEST)
+
+
+def read_server_program(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The backend's private tensors, as numpy (read into memory: no mmap of a file that could be
+    replaced under a running server)."""
+    path = bundle.path(SERVER_PROGRAM)
+    try:
+        return safetensors_numpy.load(path.read_bytes())
+    except Exception as exc:  # safetensors raises several unrelated types for a bad file
+        raise ArtifactError(f"cannot read the server program {path}: {exc}") from None

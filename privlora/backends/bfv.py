@@ -1,0 +1,435 @@
+"""``bfv`` backend: the masked Private Linear Layer on coefficient-encoded BFV (Microsoft SEAL via
+``tenseal.sealapi``), two messages per group.
+
+Coefficient encoding (the technique of Cheetah): a matrix product needs no rotation. Rows of x
+are polynomial coefficients, rows of a weight matrix are plaintext polynomials in reversed order,
+and every inner product lands on a known coefficient of one ciphertext-plaintext product. A block
+of ``tb`` rows, ``db`` inputs and ``ob`` outputs fills one ring element (``tb * db * ob <= N``);
+:func:`choose_layout` picks the block per shape with a cost model, so the rows of a prompt share
+ciphertexts.
+
+Per group, with integers mod a power of two p (the PLL of docs/pll.md):
+
+- message 0: the client sends ``x_hat`` (rows quantised to ``x_bits``); the server multiplies by
+  ``A_hat`` (pre-encoded in NTT form), adds a fresh uniform mask to **every** coefficient (``t`` at
+  the output positions, which it keeps for exactly one message 1 of this session; the other
+  coefficients carry cross terms of the product and are hidden for good), re-randomises with a
+  fresh public-key encryption of zero and switches to the smallest modulus. The client decrypts
+  ``h' = A_hat x_hat + t mod p``: uniformly random to it.
+- message 1: the client encrypts ``h'``; the server multiplies by ``B_hat`` and adds
+  ``-B_hat t + e`` at the output positions (``e`` the PLL error) and fresh uniform values elsewhere,
+  re-randomises and switches. The client decrypts ``y = B_hat A_hat x_hat + e mod p`` exactly,
+  centres it and rescales.
+
+``p`` is sized by the compiler from the actual weights' worst case over every encodable input
+plus the error's tail (:func:`privlora.backends.pll.quantize_group`): no input can wrap it.
+
+Option ``privacy``: ``fast`` (N = 4096, moduli 52 | 30 | 20 bits: the reply is switched to the
+52-bit prime, then re-randomised) or ``rigorous`` (N = 8192, 52 | 44, 43 | 20: re-randomised
+*before* the switch drops 87 bits, so the switch's fresh rounding noise hides the part of the
+ciphertext noise that depends on the weights). docs/security.md says what each gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from privlora.backends import seal as sealx
+from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, Request, Weights,
+                                    block_diagonal, check_message, delta_of, frame, rows_of, unframe)
+from privlora.backends.pll import PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input, quantize_group
+
+NAME = "bfv"
+MESSAGES = 2
+DEFAULTS = {"max_modulus_bits": 38}  # the widest p whose replies still decrypt exactly (worst-case noise)
+MAX_ROWS = 1 << 16  # rows one request may declare
+_ROWS = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class BFVParameters:
+    poly_modulus_degree: int
+    coeff_bits: tuple[int, ...]  # reply prime | primes dropped before the reply | special prime
+    rerandomise_before_switch: bool
+
+
+PRIVACY = {
+    "fast": BFVParameters(4096, (52, 30, 20), rerandomise_before_switch=False),
+    "rigorous": BFVParameters(8192, (52, 44, 43, 20), rerandomise_before_switch=True),
+}
+
+
+def context(params: BFVParameters, plain_modulus: int) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
+    parms.set_plain_modulus(plain_modulus)
+    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise PLLError(f"invalid BFV parameters: {ctx.parameters_error_message()}")
+    return ctx
+
+
+# Cost model of one block choice, in milliseconds measured on this 2-core CPU: about 1 ms per
+# ciphertext (encrypt or re-randomise, serialise, parse, NTT) and 0.05 ms per product.
+CIPHERTEXT_MS, PRODUCT_MS = 1.0, 0.05
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a ``[rows, d_in] x [d_in, d_out]`` product sits in ring elements of ``degree`` coefficients:
+    input (r, j) of a block at coefficient ``r db ob + j``, weight (o, j) at ``o db + db - 1 - j``,
+    so output (r, o) is coefficient ``r db ob + o db + db - 1`` of the product."""
+
+    rows: int
+    d_in: int
+    d_out: int
+    tb: int
+    db: int
+    ob: int
+    degree: int
+
+    @property
+    def row_blocks(self) -> int:
+        return math.ceil(self.rows / self.tb)
+
+    @property
+    def in_blocks(self) -> int:
+        return math.ceil(self.d_in / self.db)
+
+    @property
+    def out_blocks(self) -> int:
+        return math.ceil(self.d_out / self.ob)
+
+    @property
+    def input_ciphertexts(self) -> int:
+        return self.row_blocks * self.in_blocks
+
+    @property
+    def output_ciphertexts(self) -> int:
+        return self.row_blocks * self.out_blocks
+
+    @property
+    def cost(self) -> float:
+        products = self.row_blocks * self.in_blocks * self.out_blocks
+        return CIPHERTEXT_MS * (self.input_ciphertexts + self.output_ciphertexts) + PRODUCT_MS * products
+
+    @functools.cached_property
+    def outputs(self) -> list[int]:
+        """Coefficient indices of the outputs of one ciphertext, row-major over (r, o)."""
+        r, o = np.meshgrid(np.arange(self.tb), np.arange(self.ob), indexing="ij")
+        return (r * self.db * self.ob + o * self.db + self.db - 1).reshape(-1).tolist()
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Input polynomials ``[row_blocks, in_blocks, degree]`` of ``x`` ``[rows, d_in]`` (uint64)."""
+        blocks = np.zeros((self.row_blocks * self.tb, self.in_blocks * self.db), dtype=np.uint64)
+        blocks[:self.rows, :self.d_in] = x
+        blocks = blocks.reshape(self.row_blocks, self.tb, self.in_blocks, self.db).transpose(0, 2, 1, 3)
+        polys = np.zeros((self.row_blocks, self.in_blocks, self.tb, self.db * self.ob), dtype=np.uint64)
+        polys[..., :self.db] = blocks
+        return self._to_degree(polys.reshape(self.row_blocks, self.in_blocks, self.tb * self.db * self.ob))
+
+    def weights(self, w: np.ndarray) -> np.ndarray:
+        """Weight polynomials ``[out_blocks, in_blocks, degree]`` of ``w`` ``[d_out, d_in]`` (uint64 mod p)."""
+        blocks = np.zeros((self.out_blocks * self.ob, self.in_blocks * self.db), dtype=np.uint64)
+        blocks[:self.d_out, :self.d_in] = w
+        blocks = blocks.reshape(self.out_blocks, self.ob, self.in_blocks, self.db).transpose(0, 2, 1, 3)
+        return self._to_degree(blocks[..., ::-1].reshape(self.out_blocks, self.in_blocks, -1))
+
+    def gather(self, values: np.ndarray) -> np.ndarray:
+        """``[rows, d_out]`` from the output coefficients ``[row_blocks, out_blocks, tb * ob]``."""
+        blocks = values.reshape(self.row_blocks, self.out_blocks, self.tb, self.ob).transpose(0, 2, 1, 3)
+        return blocks.reshape(self.row_blocks * self.tb, self.out_blocks * self.ob)[:self.rows, :self.d_out]
+
+    def scatter(self, y: np.ndarray, fill: np.ndarray) -> np.ndarray:
+        """``fill`` ``[row_blocks, out_blocks, degree]`` with ``y`` ``[rows, d_out]`` at the output coefficients."""
+        blocks = np.zeros((self.row_blocks * self.tb, self.out_blocks * self.ob), dtype=np.uint64)
+        blocks[:self.rows, :self.d_out] = y
+        blocks = blocks.reshape(self.row_blocks, self.tb, self.out_blocks, self.ob).transpose(0, 2, 1, 3)
+        out = fill.copy()
+        out[..., self.outputs] = blocks.reshape(self.row_blocks, self.out_blocks, self.tb * self.ob)
+        return out
+
+    def _to_degree(self, polys: np.ndarray) -> np.ndarray:
+        out = np.zeros((*polys.shape[:-1], self.degree), dtype=np.uint64)
+        out[..., :polys.shape[-1]] = polys
+        return out
+
+
+def _splits(n: int) -> list[int]:
+    """Block sizes worth trying for a dimension of n: ceil(n / k) for every k."""
+    return sorted({math.ceil(n / k) for k in range(1, n + 1)})
+
+
+@functools.lru_cache(maxsize=256)
+def choose_layout(rows: int, d_in: int, d_out: int, degree: int) -> Layout:
+    """The cheapest block (tb, db, ob) with ``tb db ob <= degree`` under the cost model."""
+    best: Layout | None = None
+    for tb in _splits(max(rows, 1)):
+        for db in _splits(d_in):
+            room = degree // (tb * db)
+            if room == 0:
+                continue
+            ob = math.ceil(d_out / math.ceil(d_out / room))  # the fewest output blocks, balanced
+            layout = Layout(rows, d_in, d_out, tb, db, ob, degree)
+            if best is None or layout.cost < best.cost:
+                best = layout
+    if best is None:
+        raise PLLError(f"no BFV layout for {rows} x {d_in} -> {d_out} in {degree} coefficients")
+    return best
+
+
+def _stack(group: GroupSpec, weights: Weights, params: PLLParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The group's sites as one A_hat [rank, d_in], block-diagonal B_hat [d_out, rank], output
+    scales and modulus."""
+    sites = quantize_group(group, weights, params)
+    a = np.concatenate([s.a_hat for s in sites])
+    b = block_diagonal([s.b_hat for s in sites])
+    return a, b, np.concatenate([s.out_scale for s in sites]), sites[0].modulus
+
+
+def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
+    options = dict(options)
+    privacy = options.pop("privacy", "fast")
+    if privacy not in PRIVACY:
+        raise PLLError(f"unknown bfv privacy {privacy!r} (known: {', '.join(PRIVACY)})")
+    params = PLLParams(**{**DEFAULTS, **options})
+    stacked = {group.key: _stack(group, weights, params) for group in groups}
+    modulus = max((m for *_, m in stacked.values()), default=2)
+    context(PRIVACY[privacy], modulus)  # validate the parameter set at compile time
+    tensors: dict[str, np.ndarray] = {}
+    for key, (a, b, _, _) in stacked.items():
+        tensors[f"{key}.a_hat"], tensors[f"{key}.b_hat"] = a.astype(np.int32), b.astype(np.int32)
+    public = {"pll": dataclasses.asdict(params), "privacy": privacy, "plain_modulus": modulus}
+    client_groups = {key: {"out_scale": scale.tolist()} for key, (_, _, scale, _) in stacked.items()}
+    return BackendBuild(tensors, {"backend": NAME, **public, "groups": client_groups}, public, MESSAGES)
+
+
+CLIENT_PARAMS = frozenset({"backend", "pll", "privacy", "plain_modulus", "groups"})
+
+
+def _rows_header(rows: int) -> bytes:
+    return _ROWS.pack(rows)
+
+
+@dataclass
+class ClientState:
+    scale: np.ndarray  # each row's quantisation scale c (0 for a zero row)
+    leading: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.scale)
+
+
+class Client:
+    """Holds the secret key; its evaluation keys are a public key (for the server's encryptions of zero)."""
+
+    messages = MESSAGES
+
+    def __init__(self, params: dict[str, Any], secret_key: bytes | None = None) -> None:
+        self.pll = PLLParams(**params["pll"])
+        self.bfv = PRIVACY[params["privacy"]]
+        self.modulus = int(params["plain_modulus"])
+        self.out_scales = {key: np.asarray(g["out_scale"]) for key, g in params["groups"].items()}
+        self.ctx = context(self.bfv, self.modulus)
+        if secret_key is None:
+            self.keygen = seal.KeyGenerator(self.ctx)
+        else:
+            self.keygen = seal.KeyGenerator(self.ctx, sealx.from_bytes(seal.SecretKey, self.ctx, secret_key, "secret key"))
+        secret = self.keygen.secret_key()
+        self.encryptor = seal.Encryptor(self.ctx, secret)
+        self.decryptor = seal.Decryptor(self.ctx, secret)
+
+    def secret_key(self) -> bytes:
+        return sealx.to_bytes(self.keygen.secret_key())
+
+    def evaluation_keys(self) -> bytes:
+        public = seal.PublicKey()
+        self.keygen.create_public_key(public)
+        return frame([sealx.to_bytes(public)])
+
+    def _layout(self, rows: int, d_in: int, d_out: int) -> Layout:
+        return choose_layout(rows, d_in, d_out, self.bfv.poly_modulus_degree)
+
+    def _send(self, layout: Layout, values: np.ndarray) -> bytes:
+        """Encrypt ``values`` [rows, d_in] (mod p) in the layout's input polynomials (seeded: half size)."""
+        polys = layout.encode(values).reshape(-1, layout.degree)
+        blobs = [sealx.to_bytes(self.encryptor.encrypt_symmetric(sealx.plaintext(self.ctx, poly))) for poly in polys]
+        return frame([_rows_header(layout.rows), *blobs])
+
+    def _receive(self, layout: Layout, reply: bytes) -> np.ndarray:
+        """The ``[rows, d_out]`` outputs (mod p) of a reply."""
+        blobs = unframe(reply, layout.output_ciphertexts)
+        values = np.empty((len(blobs), layout.tb * layout.ob), dtype=np.uint64)
+        for index, blob in enumerate(blobs):
+            ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
+            plain = seal.Plaintext()
+            self.decryptor.decrypt(ct, plain)
+            values[index] = sealx.coefficients(plain, layout.outputs, layout.degree)
+        return layout.gather(values.reshape(layout.row_blocks, layout.out_blocks, layout.tb * layout.ob))
+
+    def encrypt(self, group: GroupSpec, x: np.ndarray) -> tuple[bytes, ClientState]:
+        rows, leading = rows_of(x, group.d_in)
+        x_hat, scale = encode_input(rows, self.pll.x_bits)
+        scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
+        layout = self._layout(len(rows), group.d_in, group.rank)
+        return self._send(layout, np.mod(x_hat, self.modulus).astype(np.uint64)), ClientState(scale, leading)
+
+    def advance(self, group: GroupSpec, message: int, reply: bytes, state: ClientState) -> tuple[bytes, ClientState]:
+        check_message(message + 1, self.messages)
+        masked = self._receive(self._layout(state.rows, group.d_in, group.rank), reply)  # h' = A x + t: uniform
+        return self._send(self._layout(state.rows, group.rank, group.d_out), masked), state
+
+    def decrypt(self, group: GroupSpec, reply: bytes, state: ClientState) -> np.ndarray:
+        y = self._receive(self._layout(state.rows, group.rank, group.d_out), reply).astype(np.int64)
+        return delta_of(decode(y, self.modulus, state.scale, self.out_scales[group.key]), state.leading, group.d_out)
+
+
+@dataclass
+class Session:
+    """A client's public key, and the masks t of its groups between message 0 and message 1."""
+
+    encryptor: Any
+    pending: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keep(self, key: str, rows: int, mask: np.ndarray) -> None:
+        with self.lock:
+            self.pending[key] = (rows, mask)
+
+    def take(self, key: str, rows: int) -> np.ndarray:
+        """The mask of this group's message 0, once: a replayed or early message 1 finds none."""
+        with self.lock:
+            pending = self.pending.pop(key, None)
+        if pending is None:
+            raise MessageOrderError(f"message 1 of {key} without a pending message 0 (out of order or replayed)")
+        if pending[0] != rows:
+            raise PayloadError(f"message 1 of {key} declares {rows} rows, its message 0 had {pending[0]}")
+        return pending[1]
+
+
+class Server:
+    messages = MESSAGES
+
+    def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
+        self.pll = PLLParams(**params["pll"])
+        self.bfv = PRIVACY[params["privacy"]]
+        self.modulus = int(params["plain_modulus"])
+        self.ctx = context(self.bfv, self.modulus)
+        self.evaluator = seal.Evaluator(self.ctx)
+        self.first, self.last = self.ctx.first_parms_id(), self.ctx.last_parms_id()
+        self.matrices = {g.key: (tensors[f"{g.key}.a_hat"].astype(np.int64), tensors[f"{g.key}.b_hat"].astype(np.int64))
+                         for g in groups}
+        self.rng = SystemRandom()
+        self._encoded: dict[tuple[str, int, int, int], list[list[seal.Plaintext]]] = {}
+        self._encoded_lock = threading.Lock()
+
+    def open_session(self, evaluation_keys: bytes) -> Session:
+        (public_bytes,) = unframe(evaluation_keys, 1)
+        public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
+        return Session(seal.Encryptor(self.ctx, public))
+
+    def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
+        d_in, d_out = (group.d_in, group.rank) if message == 0 else (group.rank, group.d_out)
+        return choose_layout(rows, d_in, d_out, self.bfv.poly_modulus_degree)
+
+    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+        check_message(message, self.messages)
+        blobs = unframe(payload)
+        if not blobs or len(blobs[0]) != _ROWS.size:
+            raise PayloadError("malformed payload: no row count")
+        (rows,) = _ROWS.unpack(blobs[0])
+        if rows > MAX_ROWS:
+            raise PayloadError(f"a request carries at most {MAX_ROWS} rows")
+        layout = self._layout(group, message, rows)
+        if len(blobs) - 1 != layout.input_ciphertexts:
+            raise PayloadError(f"expected {layout.input_ciphertexts} ciphertexts for {rows} rows, got {len(blobs) - 1}")
+        inputs = [self._load_input(blob) for blob in blobs[1:]]
+        return Request(message, rows if message == 0 else 0, (layout, inputs))
+
+    def _load_input(self, blob: bytes) -> seal.Ciphertext:
+        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")
+        if ct.size() != 2 or ct.parms_id() != self.first or ct.is_ntt_form():
+            raise PayloadError("input ciphertext has the wrong size, level or form")
+        return ct
+
+    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[seal.Plaintext]]:
+        """The weight polynomials of A_hat (message 0) or B_hat (message 1) for this block shape,
+        in NTT form, encoded once per shape and kept."""
+        key = (group.key, message, layout.db, layout.ob)
+        with self._encoded_lock:
+            encoded = self._encoded.get(key)
+        if encoded is None:
+            matrix = self.matrices[group.key][message]
+            polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
+            encoded = [[self._ntt(sealx.plaintext(self.ctx, poly)) for poly in row] for row in polys]
+            with self._encoded_lock:
+                self._encoded[key] = encoded
+        return encoded
+
+    def _ntt(self, plain: seal.Plaintext) -> seal.Plaintext:
+        self.evaluator.transform_to_ntt_inplace(plain, self.first)
+        return plain
+
+    def _products(self, layout: Layout, inputs: list[seal.Ciphertext], weights: list[list[seal.Plaintext]]):
+        """For every (row block, out block): the sum over input blocks of input x weight, out of NTT form."""
+        for ct in inputs:
+            self.evaluator.transform_to_ntt_inplace(ct)
+        for i in range(layout.row_blocks):
+            row = inputs[i * layout.in_blocks:(i + 1) * layout.in_blocks]
+            for m in range(layout.out_blocks):
+                total = seal.Ciphertext()
+                self.evaluator.multiply_plain(row[0], weights[m][0], total)
+                for ct, plain in zip(row[1:], weights[m][1:]):
+                    part = seal.Ciphertext()
+                    self.evaluator.multiply_plain(ct, plain, part)
+                    self.evaluator.add_inplace(total, part)
+                self.evaluator.transform_from_ntt_inplace(total)
+                yield total
+
+    def _uniform(self, layout: Layout) -> np.ndarray:
+        size = layout.output_ciphertexts * layout.degree
+        shape = (layout.row_blocks, layout.out_blocks, layout.degree)
+        return self.rng.integers(0, self.modulus, size).astype(np.uint64).reshape(shape)
+
+    def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
+        layout, inputs = request.data
+        fill = self._uniform(layout)  # every coefficient of a reply is masked
+        if request.message == 0:
+            session.keep(group.key, layout.rows, layout.gather(fill[..., layout.outputs]))
+            added = fill
+        else:
+            mask = session.take(group.key, layout.rows)
+            _, b_hat = self.matrices[group.key]
+            error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
+            correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)
+            added = layout.scatter(np.mod(correction, self.modulus).astype(np.uint64), fill)
+        sums = self._products(layout, inputs, self._weights(group, request.message, layout))
+        return frame([self._finish(total, poly, session) for total, poly in zip(sums, added.reshape(-1, layout.degree))])
+
+    def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: Session) -> bytes:
+        """Add the mask (and error), re-randomise, switch to the reply modulus."""
+        self.evaluator.add_plain_inplace(total, sealx.plaintext(self.ctx, added))
+        if self.bfv.rerandomise_before_switch:
+            self._rerandomise(total, session)
+            self.evaluator.mod_switch_to_inplace(total, self.last)
+        else:
+            self.evaluator.mod_switch_to_inplace(total, self.last)
+            self._rerandomise(total, session)
+        return sealx.to_bytes(total)
+
+    def _rerandomise(self, ct: seal.Ciphertext, session: Session) -> None:
+        """Add a fresh public-key encryption of zero: the reply's mask becomes fresh."""
+        zero = seal.Ciphertext()
+        session.encryptor.encrypt_zero(ct.parms_id(), zero)
+        self.evaluator.add_inplace(ct, zero)

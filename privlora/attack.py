@@ -70,7 +70,35 @@ def extract(site: QuantizedSite, queries: int, variant: str, rng: np.random.Gene
     return _score(_low_rank_fit(x_hat, centred(z, site.modulus), site.a_hat.shape[0]), site.a_hat.T.astype(np.float64))
 
 
-def extraction_table(sigmas: list[float], query_counts: list[int], seed: int = 0) -> list[ExtractionResult]:
+def extract_bfv(lora_a: np.ndarray, lora_b: np.ndarray, scaling: float, sigma: float, queries: int,
+                rng: np.random.Generator) -> dict[str, tuple[float, bool]]:
+    """The same attack through the real ``bfv`` backend: a client with its own keys sends chosen
+    full-range rows as message 0, decrypts ``h' = A_hat x_hat + t`` (variant ``bfv-intermediate``),
+    sends it back as message 1 and decrypts ``y = B_hat A_hat x_hat + e`` (``bfv-reply``)."""
+    from privlora.backends import bfv
+    from privlora.backends.base import local_send
+    from privlora.core.types import GroupSpec, PLLSite
+
+    site = PLLSite(0, "attacked", lora_a.shape[1], lora_b.shape[0], lora_a.shape[0], scaling)
+    group = GroupSpec("round_0", 0, 0, 0, (site,))
+    build = bfv.compile([group], {0: (lora_a, lora_b)}, {"sigma": sigma})
+    client = bfv.Client(build.client_params)
+    server = bfv.Server(build.server_tensors, [group], {**build.public_params, "zero_pool": 0})
+    send = local_send(server, group, server.open_session(client.evaluation_keys()))
+    x_max = 2 ** (client.pll.x_bits - 1) - 1
+    x_hat = rng.integers(-x_max, x_max + 1, size=(queries, site.d_in))
+    first = client._layout(queries, site.d_in, site.rank)  # the attacker drives the protocol by hand
+    masked = client._receive(first, send(0, client._send(first, np.mod(x_hat, client.modulus).astype(np.uint64))))
+    second = client._layout(queries, site.rank, site.d_out)
+    y = centred(client._receive(second, send(1, client._send(second, masked))).astype(np.int64), client.modulus)
+    a_hat, b_hat = (build.server_tensors[f"{group.key}.{name}"].astype(np.float64) for name in ("a_hat", "b_hat"))
+    return {"bfv-reply": _score(_low_rank_fit(x_hat, y, site.rank), a_hat.T @ b_hat.T),
+            "bfv-intermediate": _score(_low_rank_fit(x_hat, centred(masked.astype(np.int64), client.modulus),
+                                                     site.rank), a_hat.T)}
+
+
+def extraction_table(sigmas: list[float], query_counts: list[int], seed: int = 0,
+                     through_bfv: bool = False) -> list[ExtractionResult]:
     lora_a, lora_b, scaling, _ = demo_site()
     rng = np.random.default_rng(seed)
     results = []
@@ -79,6 +107,9 @@ def extraction_table(sigmas: list[float], query_counts: list[int], seed: int = 0
         for variant in ("reply", "intermediate-unmasked", "intermediate-masked"):
             for queries in query_counts:
                 results.append(ExtractionResult(variant, sigma, queries, *extract(site, queries, variant, rng)))
+        for queries in query_counts if through_bfv else []:
+            for variant, outcome in extract_bfv(lora_a, lora_b, scaling, sigma, queries, rng).items():
+                results.append(ExtractionResult(variant, sigma, queries, *outcome))
     return results
 
 

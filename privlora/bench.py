@@ -30,6 +30,7 @@ from privlora.core.types import GroupSpec, PLLSite
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration.txt"
 PAPER_SECONDS_PER_TOKEN = 1.61  # Zhang et al. 2501.01672, ChatGLM2-6B, LoRA r=8
+IDLE_S = 0.05  # pause before each timed call: a server is idle while its client runs the public part
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SiteCase:
     sites_per_token: int
     timing: tuple[GroupSpec, dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray]
     accuracy: list[tuple[GroupSpec, dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray]]
+    rows: int = 1  # rows per timed call: 1 for a decode step, the prompt length for a prefill
 
 
 @dataclass
@@ -56,6 +58,9 @@ class SiteResult:
     decrypt_ms: float
     bytes_up: int
     bytes_down: int
+    messages: int  # client -> server messages of one call
+    offline_ms: float  # work done ahead of time for one call (encryptions of zero made in idle time)
+    rows: int
     relative_error_max: float
     relative_error_median: float
     accuracy_rows: int
@@ -78,8 +83,9 @@ class SiteResult:
                 "bytes_per_token": self.bytes_per_token, "paper_seconds_per_token": PAPER_SECONDS_PER_TOKEN}
 
 
-def smollm2_case(rows_per_layer: int = 8, seed: int = 0) -> SiteCase:
-    """Real weights (demo adapter) and real q_proj inputs from the calibration prompts."""
+def smollm2_case(rows_per_layer: int = 8, seed: int = 0, rows: int = 1) -> SiteCase:
+    """Real weights (demo adapter) and real q_proj inputs from the calibration prompts; timed on
+    ``rows`` rows of layer 0 at once (1: a decode step; 52: one prompt's prefill)."""
     from privlora.paths import DEMO_ADAPTER
     from privlora.models.loading import load_model
     from privlora.models.tokenizer import encode_chat
@@ -110,7 +116,10 @@ def smollm2_case(rows_per_layer: int = 8, seed: int = 0) -> SiteCase:
         activations = torch.cat(captured[layer]).numpy()
         pick = rng.choice(len(activations), size=min(rows_per_layer, len(activations)), replace=False)
         accuracy.append((GroupSpec(f"layer_{index}", 0, 0, 0, sites), weights, activations[pick]))
-    return SiteCase("smollm2", len(layers), accuracy[0], accuracy)
+    group, weights, _ = accuracy[0]
+    first = torch.cat(captured[layers[0]]).numpy()
+    timing = (group, weights, first if rows == 1 else first[:rows])
+    return SiteCase("smollm2" if rows == 1 else "smollm2-prefill", len(layers), timing, accuracy, rows)
 
 
 def chatglm2_case(rows: int = 8, seed: int = 0) -> SiteCase:
@@ -123,7 +132,10 @@ def chatglm2_case(rows: int = 8, seed: int = 0) -> SiteCase:
     return SiteCase("chatglm2", 28, case, [case])
 
 
-CASES: dict[str, Callable[[], SiteCase]] = {"smollm2": smollm2_case, "chatglm2": chatglm2_case}
+PREFILL_ROWS = 52  # the demo's first question: a 52-token prompt
+
+CASES: dict[str, Callable[[], SiteCase]] = {"smollm2": smollm2_case, "chatglm2": chatglm2_case,
+                                            "smollm2-prefill": lambda: smollm2_case(rows=PREFILL_ROWS)}
 
 
 def exact_delta(group: GroupSpec, weights, x: np.ndarray) -> np.ndarray:
@@ -146,14 +158,17 @@ def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None
     session = server.open_session(keys)
 
     group, _, activations = case.timing
-    timings: dict[str, list[float]] = {"encrypt": [], "evaluate": [], "decrypt": []}
-    sizes = (0, 0)
+    timings: dict[str, list[float]] = {"encrypt": [], "evaluate": [], "decrypt": [], "offline": []}
+    cost = ExchangeCost()
     send = local_send(server, group, session)
     for i in range(repeats):
+        time.sleep(IDLE_S)  # the server's idle time between steps, where work ahead of time happens
+        x = activations[i % len(activations)][None] if case.rows == 1 else activations
         cost = ExchangeCost()
-        exchange(client, group, activations[i % len(activations)][None], send, cost)
-        sizes = (int(cost.bytes_up), int(cost.bytes_down))
-        for key, seconds in zip(timings, (cost.encrypt_s, cost.server_s, cost.decrypt_s)):
+        offline = server.offline_seconds(session)
+        exchange(client, group, x, send, cost)
+        offline = server.offline_seconds(session) - offline
+        for key, seconds in zip(timings, (cost.encrypt_s, cost.server_s, cost.decrypt_s, offline)):
             timings[key].append(seconds * 1000)
 
     errors = []
@@ -164,7 +179,8 @@ def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None
         errors.append(float(np.linalg.norm(delta - expected) / np.linalg.norm(expected)))
     return SiteResult(name, case.name, group.d_in, group.d_out, sum(s.rank for s in group.sites), keygen, len(keys),
                       statistics.median(timings["encrypt"]), statistics.median(timings["evaluate"]),
-                      statistics.median(timings["decrypt"]), *sizes, max(errors),
+                      statistics.median(timings["decrypt"]), int(cost.bytes_up), int(cost.bytes_down), int(cost.messages),
+                      statistics.median(timings["offline"]), case.rows, max(errors),
                       statistics.median(errors), sum(len(x) for _, _, x in case.accuracy), case.sites_per_token)
 
 
@@ -176,12 +192,13 @@ def _size(n: int) -> str:
 
 
 def render(results: list[SiteResult]) -> str:
-    header = ("backend", "site", "keygen", "eval keys", "encrypt", "evaluate", "decrypt", "up", "down",
-              "rel err (max)", "s/token", "bytes/token")
+    header = ("backend", "site", "rows", "msgs", "keygen", "eval keys", "encrypt", "evaluate", "decrypt", "offline",
+              "up", "down", "rel err (max)", "s/step", "bytes/step")
     rows = [header]
     for r in results:
-        rows.append((r.backend, f"{r.case} {r.d_in}->{r.d_out} r{r.rank}", f"{r.keygen_s:.2f} s", _size(r.evaluation_key_bytes),
-                     f"{r.encrypt_ms:.1f} ms", f"{r.evaluate_ms:.1f} ms", f"{r.decrypt_ms:.1f} ms", _size(r.bytes_up),
+        rows.append((r.backend, f"{r.case} {r.d_in}->{r.d_out} r{r.rank}", str(r.rows), str(r.messages),
+                     f"{r.keygen_s:.2f} s", _size(r.evaluation_key_bytes), f"{r.encrypt_ms:.1f} ms",
+                     f"{r.evaluate_ms:.1f} ms", f"{r.decrypt_ms:.1f} ms", f"{r.offline_ms:.1f} ms", _size(r.bytes_up),
                      _size(r.bytes_down), f"{r.relative_error_max:.1e}",
                      f"{r.seconds_per_token:.2f} ({r.sites_per_token} sites)", _size(r.bytes_per_token)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

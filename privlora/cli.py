@@ -95,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from privlora.demo import run_demo
 
-    run_demo(base=args.base, adapter=Path(args.adapter), questions=args.questions, backend=args.backend)
+    run_demo(base=args.base, adapter=Path(args.adapter), questions=args.questions, backends=tuple(args.backend))
     return 0
 
 
@@ -202,7 +202,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from privlora.attack import demo_site, extraction_table, quality_table, render_extraction, render_svg
 
     _, _, _, name = demo_site()
-    results = extraction_table(args.sigmas, args.queries)
+    results = extraction_table(args.sigmas, args.queries, through_bfv=args.bfv)
     print(f"extraction of the demo adapter's {name} (576 -> 192, r = 8): relative error of the recovered map "
           "by number of chosen queries ('ex': recovered exactly)")
     print(render_extraction(results))
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="PLL error standard deviations (integer units) to try")
     extract.add_argument("--queries", type=int, nargs="+", default=[144, 288, 576, 1152, 2304],
                          help="numbers of chosen queries (d_in is 576)")
+    extract.add_argument("--bfv", action="store_true",
+                         help="also attack through the real bfv backend (both messages, real encryption)")
     extract.add_argument("--quality", action="store_true",
                          help="also measure each sigma's cost in model quality (compiles SmolLM2 per sigma)")
     extract.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -360,11 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", cmd_bench,
                     "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")
-    bench.add_argument("--backend", nargs="+", default=["ckks", "concrete", "plain"], choices=available(),
+    bench.add_argument("--backend", nargs="+", default=["bfv", "ckks", "concrete", "plain"], choices=available(),
                        help="backends to measure")
-    bench.add_argument("--site", nargs="+", default=["smollm2", "chatglm2"], choices=["smollm2", "chatglm2"],
-                       help="smollm2: fused q+v 576->768 with the demo adapter on real activations; "
-                            "chatglm2: query_key_value 4096->4608 r=8, random weights")
+    bench.add_argument("--site", nargs="+", default=["smollm2", "chatglm2"],
+                       choices=["smollm2", "chatglm2", "smollm2-prefill"],
+                       help="smollm2: fused q+v 576->768 with the demo adapter on real activations, one decoded row; "
+                            "smollm2-prefill: the same site, 52 rows at once (one prompt's prefill); "
+                            "chatglm2: query_key_value 4096->4608 r=8, random weights, one decoded row")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed single-row calls per site (default 5; 2 for concrete)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -375,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(demo)
     demo.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     demo.add_argument("--questions", type=int, default=3, help="how many held-out questions to ask")
-    demo.add_argument("--backend", default=DEFAULT_BACKEND, choices=[name for name in available() if name != "reference"],
-                      help="private backend for the secure answers")
+    demo.add_argument("--backend", nargs="+", default=[DEFAULT_BACKEND],
+                      choices=[name for name in available() if name != "reference"],
+                      help="private backends for the secure answers (several: side by side on the same questions)")
     return parser
 
 

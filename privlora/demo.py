@@ -53,18 +53,21 @@ def demo_artifact(base: str, adapter: Path, backend: str) -> Path:
     return artifact
 
 
-def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") -> None:
-    """Print base, secure fine-tuned and plaintext fine-tuned answers to held-out questions."""
+def run_demo(base: str, adapter: Path, questions: int, backends: tuple[str, ...] = ("bfv",)) -> None:
+    """Print base, secure fine-tuned (one answer per backend, side by side) and plaintext
+    fine-tuned answers to held-out questions, with where the secure time went."""
     print("Loading the base model and the demo adapter ...")
     plain = load_model(base)
     tuned = load_model(base, adapter)
     print(f"base model: {plain.base_path}")
     print(f"adapter:    {adapter} (rank {tuned.adapter.rank}, {len(tuned.lora_sites)} LoRA sites)")
-    artifact = demo_artifact(base, adapter, backend)
-    client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact, LOCAL)))
-    print(f"secure:     backend {backend}, in-process server on the server bundle, keys cached per artifact\n")
-    secure_seconds = plain_seconds = 0.0
-    secure_tokens = 0
+    clients = {}
+    for backend in backends:
+        artifact = demo_artifact(base, adapter, backend)
+        clients[backend] = SecureClient(artifact, InProcessTransport(PrivateServer(artifact, LOCAL)))
+    print(f"secure:     backends {', '.join(backends)}, in-process server on the server bundle, keys cached per artifact\n")
+    totals = {backend: [0, 0.0] for backend in backends}  # tokens, seconds
+    plain_seconds = 0.0
     try:
         for number, pair in enumerate(load_qa(split="heldout")[:questions], start=1):
             print(f"Q{number}: {pair.question}")
@@ -72,24 +75,27 @@ def run_demo(base: str, adapter: Path, questions: int, backend: str = "ckks") ->
             start = time.perf_counter()
             _show("base model (plaintext)", ask(TorchStep(plain.model), plain.tokenizer, pair.question, ANSWER_TOKENS),
                   pair.keyword, time.perf_counter() - start)
-            client.steps.clear()
-            start = time.perf_counter()
-            secure = ask(client, tuned.tokenizer, pair.question, ANSWER_TOKENS)
-            seconds = time.perf_counter() - start
-            secure_seconds += seconds
-            secure_tokens += len(client.steps)
-            _show("fine-tuned, secure (prompt encrypted, adapter on the server)", secure, pair.keyword, seconds,
-                  len(client.steps))
             start = time.perf_counter()
             reference = ask(TorchStep(tuned.model), tuned.tokenizer, pair.question, ANSWER_TOKENS)
             plain_seconds += time.perf_counter() - start
             _show("fine-tuned, plaintext", reference, pair.keyword, time.perf_counter() - start)
-            print(f"  secure answer {'identical to' if secure == reference else 'DIFFERS from'} the plaintext answer")
-            print("  secure generation, this question:")
-            print(textwrap.indent(render_timings(client.steps), "    "))
+            for backend, client in clients.items():
+                client.steps.clear()
+                start = time.perf_counter()
+                secure = ask(client, tuned.tokenizer, pair.question, ANSWER_TOKENS)
+                seconds = time.perf_counter() - start
+                totals[backend][0] += len(client.steps)
+                totals[backend][1] += seconds
+                _show(f"fine-tuned, secure with {backend} (prompt encrypted, adapter on the server)", secure,
+                      pair.keyword, seconds, len(client.steps))
+                print(f"  {backend}: secure answer {'identical to' if secure == reference else 'DIFFERS from'} "
+                      "the plaintext answer; where the time went:")
+                print(textwrap.indent(render_timings(client.steps), "    "))
             print()
     finally:
-        client.close()
-    print(f"secure generation: {secure_tokens} tokens in {secure_seconds:.1f} s "
-          f"({secure_tokens / secure_seconds:.2f} tokens/s, prefill included); plaintext fine-tuned: "
-          f"{plain_seconds:.1f} s for the same questions")
+        for client in clients.values():
+            client.close()
+    for backend, (tokens, seconds) in totals.items():
+        print(f"secure generation with {backend}: {tokens} tokens in {seconds:.1f} s "
+              f"({tokens / seconds:.2f} tokens/s, prefill included)")
+    print(f"plaintext fine-tuned: {plain_seconds:.1f} s for the same questions")

@@ -35,16 +35,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-SPAN_COSINE = 0.99  # a 4-bit quantised 576-vector keeps ~0.992; a random one scores ~0.12 against rank 8
-VECTOR_COSINE = 0.999  # 8-long vectors: a random pair reaches it with probability ~1e-10
+# The demo adapter's A rows quantised to 5 bits keep a cosine >= 0.997 (4 bits: 0.989-0.993); a
+# random 576-vector scores 0.11 against a rank-8 span, and reaches 0.99 against a rank-8 span of
+# R^32 with probability 2e-18. Two random 8-vectors reach 0.999 with probability 1e-10.
+SPAN_COSINE = 0.99
+VECTOR_COSINE = 0.999
 MIN_LENGTH = 8
 MIN_BITS = 128  # a byte needle this informative does not occur by chance in gigabytes
 MIN_DISTINCT = 4  # nor one of few values (a mostly-zero quantised row)
+MIN_KEY_BITS = 24  # a key of fewer bits is shared by too many needles and found too often
 QUANT_BITS = range(4, 17)
 _KEY = 8  # bytes of a needle looked up by hash before the whole needle is compared
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
-_HASH_BITS = 26  # the fine hash set (8 MB); the coarse one (4 MB, 4 bits less) stays in cache
-_COARSE = np.uint64(4)
+_HASH_BITS = 26  # a fine hash set of the keys (64 MB of bools) behind a coarse one that stays in cache
+_COARSE = np.uint64(4)  # bits fewer in the coarse set (4 MB)
 _CHUNK = 1 << 22  # words hashed at once (32 MB)
 
 
@@ -81,8 +85,8 @@ def _oriented(secrets: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """(label, matrix) pairs whose rows are every secret's rows, then its columns."""
     pairs = []
     for name, tensor in secrets.items():
-        matrix = np.asarray(tensor, dtype=np.float64)
-        matrix = matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1)
+        matrix = np.atleast_2d(np.asarray(tensor, dtype=np.float64))
+        matrix = matrix.reshape(-1, matrix.shape[-1])
         pairs += [(f"{name} row", matrix), (f"{name} column", np.ascontiguousarray(matrix.T))]
     return pairs
 
@@ -114,16 +118,22 @@ class _Form:
                 "quantised": f"{name} ({self.bits}-bit)"}[self.scale]
 
 
+def _key_bits(dtype: str, bits: int) -> int:
+    """Information in the 8-byte key of a needle of this form."""
+    return _KEY // np.dtype(dtype).itemsize * bits
+
+
+# Quantised values in wide integers (3-bit values in int16, 8-bit values in int32) have keys too
+# common to look up; such arrays are still compared as vectors when a file parses.
 _FORMS = tuple([_Form(dtype, scale, bits) for dtype, bits in (("<f2", 16), ("<f4", 32), ("<f8", 32))
                 for scale in ("raw", "max", "l2")]
                + [_Form(dtype, "quantised", bits) for bits in QUANT_BITS for dtype in ("<i1", "<i2", "<i4")
-                  if bits <= 8 * np.dtype(dtype).itemsize])
+                  if bits <= 8 * np.dtype(dtype).itemsize and _key_bits(dtype, bits) >= MIN_KEY_BITS])
 
 
 @dataclass(frozen=True, slots=True)
 class _Needle:
     label: str
-    index: int  # which row or column
     vector: np.ndarray
     form: _Form
     key_at: int  # byte offset of the hashed key inside the needle
@@ -148,8 +158,7 @@ class _Needles:
                     by_key[key].append(needle)
         keys = np.array(sorted(by_key), dtype=np.uint64)
         fine, coarse = np.zeros(1 << _HASH_BITS, dtype=bool), np.zeros(1 << (_HASH_BITS - int(_COARSE)), dtype=bool)
-        fine[_hash(keys)] = True
-        coarse[_hash(keys) >> _COARSE] = True
+        fine[_hash(keys)] = coarse[_hash(keys) >> _COARSE] = True
         return cls(dict(by_key), keys, fine, coarse)
 
     def find(self, words: np.ndarray) -> np.ndarray:
@@ -179,7 +188,7 @@ def _needles(label: str, matrix: np.ndarray, form: _Form) -> Iterator[tuple[int,
     raw = encoded.view(np.uint8).reshape(rows, length * size)
     keys = raw[np.arange(rows)[:, None], first[:, None] * size + np.arange(_KEY)].copy().view("<u8")[:, 0]
     for row in np.flatnonzero(distinct >= MIN_DISTINCT):
-        yield int(keys[row]), _Needle(label, int(row), matrix[row], form, int(first[row]) * size)
+        yield int(keys[row]), _Needle(label, matrix[row], form, int(first[row]) * size)
 
 
 def _key_hits(data: bytes, needles: _Needles) -> Iterator[tuple[int, int]]:
@@ -305,31 +314,35 @@ def _probes(oriented: list[tuple[str, np.ndarray]]) -> dict[int, list[_Probe]]:
     return probes
 
 
-def _views(array: np.ndarray, lengths: set[int]) -> Iterator[tuple[str, np.ndarray]]:
-    """Candidate vectors of an array, as (which, rows of a matrix)."""
+def _views(array: np.ndarray, lengths: set[int]) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """Candidate vectors of an array: (which, rows of a matrix, whether cut from a 1-D array)."""
     if array.dtype.kind not in "iuf" or array.size < MIN_LENGTH:
         return
     values = np.asarray(array, dtype=np.float64)
     if values.ndim == 1:
         for length in sorted(lengths):
             if values.size % length == 0:
-                yield f"chunks of {length}", values.reshape(-1, length)
+                yield f"chunks of {length}", values.reshape(-1, length), values.size > length
                 if values.size > length:
-                    yield f"stride {values.size // length}", values.reshape(length, -1).T
+                    yield f"stride {values.size // length}", values.reshape(length, -1).T, True
         return
     if values.shape[-1] in lengths:
-        yield "rows", values.reshape(-1, values.shape[-1])
+        yield "rows", values.reshape(-1, values.shape[-1]), False
     if values.shape[0] in lengths:
-        yield "columns", values.reshape(values.shape[0], -1).T
+        yield "columns", values.reshape(values.shape[0], -1).T, False
 
 
 def _vector_leaks(where: str, array: np.ndarray, probes: dict[int, list[_Probe]]) -> list[str]:
+    """Cut vectors meet span probes only: the many short chunks of a 1-D array (per-channel scales,
+    norm weights) are too likely to align with one of thousands of short secret vectors."""
     leaks = []
-    for view, vectors in _views(array, set(probes)):
+    for view, vectors, cut in _views(array, set(probes)):
+        group = [probe for probe in probes[vectors.shape[1]] if probe.span or not cut]
         vectors = vectors[np.isfinite(vectors).all(axis=1)]
         norms = np.linalg.norm(vectors, axis=1)
         units = vectors[norms > 0] / norms[norms > 0, None]
-        group = probes[vectors.shape[1]]
+        if not group or not len(units):
+            continue
         projected = units @ np.concatenate([probe.basis for probe in group], axis=1)
         bounds = np.cumsum([0] + [probe.basis.shape[1] for probe in group])
         for probe, start, stop in zip(group, bounds, bounds[1:]):

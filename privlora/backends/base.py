@@ -99,6 +99,9 @@ class BackendServer(Protocol):
     def evaluate(self, group: GroupSpec, request: Request, session: Any) -> bytes:
         """The reply to a parsed request."""
 
+    def offline_seconds(self, session: Any) -> float:
+        """Work done ahead of time for this session's replies so far (reported, never hidden)."""
+
 
 class CompileStep(Protocol):
     def __call__(self, groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild: ...
@@ -117,9 +120,13 @@ class BackendModule(Protocol):
 
 
 class OneMessage:
-    """``advance`` of the backends whose group evaluation is a single message."""
+    """``advance`` of the backends whose group evaluation is a single message, and no work ahead
+    of time."""
 
     messages = 1
+
+    def offline_seconds(self, session: Any) -> float:
+        return 0.0
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: Any) -> tuple[bytes, Any]:
         raise MessageOrderError("this backend evaluates a group in one message")

@@ -24,19 +24,23 @@ Per group, with integers mod a power of two p (the PLL of docs/pll.md):
 ``p`` is sized by the compiler from the actual weights' worst case over every encodable input
 plus the error's tail (:func:`privlora.backends.pll.quantize_group`): no input can wrap it.
 
-Option ``privacy``: ``fast`` (N = 4096, moduli 52 | 30 | 20 bits: the reply is switched to the
-52-bit prime, then re-randomised) or ``rigorous`` (N = 8192, 52 | 44, 43 | 20: re-randomised
+Option ``privacy``: ``fast`` (N = 4096, moduli 60 | 29 | 20 bits, 109 in all, SEAL's 128-bit
+bound: the reply is switched to the 60-bit prime, then re-randomised) or ``rigorous`` (N = 8192,
+60 | 44, 43 | 20: re-randomised
 *before* the switch drops 87 bits, so the switch's fresh rounding noise hides the part of the
 ciphertext noise that depends on the weights). docs/security.md says what each gives.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 import struct
 import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +54,12 @@ from privlora.backends.pll import PLLError, PLLParams, SystemRandom, decode, dis
 
 NAME = "bfv"
 MESSAGES = 2
-DEFAULTS = {"max_modulus_bits": 38}  # the widest p whose replies still decrypt exactly (worst-case noise)
+# 16-bit rows and 10-bit weights: relative error 1.2e-3 (median) on real SmolLM2 activations, p up
+# to 2^45; 46 bits is the widest p whose replies decrypt exactly at the 60-bit reply prime.
+DEFAULTS = {"x_bits": 16, "w_bits": 10, "max_modulus_bits": 46}
 MAX_ROWS = 1 << 16  # rows one request may declare
+# Encryptions of zero a session keeps ready: a SmolLM2 decode step (30 groups) uses 120 at most.
+ZERO_POOL = 128
 _ROWS = struct.Struct("<I")
 
 
@@ -63,8 +71,8 @@ class BFVParameters:
 
 
 PRIVACY = {
-    "fast": BFVParameters(4096, (52, 30, 20), rerandomise_before_switch=False),
-    "rigorous": BFVParameters(8192, (52, 44, 43, 20), rerandomise_before_switch=True),
+    "fast": BFVParameters(4096, (60, 29, 20), rerandomise_before_switch=False),
+    "rigorous": BFVParameters(8192, (60, 44, 43, 20), rerandomise_before_switch=True),
 }
 
 
@@ -197,13 +205,26 @@ def _stack(group: GroupSpec, weights: Weights, params: PLLParams) -> tuple[np.nd
     return a, b, np.concatenate([s.out_scale for s in sites]), sites[0].modulus
 
 
+def _widest_fit(groups: list[GroupSpec], weights: Weights, options: dict[str, Any],
+                fixed: bool) -> tuple[PLLParams, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
+    """Quantise every group; unless x_bits was given, narrow the rows one bit at a time (16 down
+    to 8) until every group's worst case fits the largest p allowed."""
+    for x_bits in [options["x_bits"]] if fixed else range(options["x_bits"], 7, -1):
+        params = PLLParams(**{**options, "x_bits": x_bits})
+        try:
+            return params, {group.key: _stack(group, weights, params) for group in groups}
+        except PLLError:
+            if fixed or x_bits == 8:
+                raise
+    raise AssertionError("unreachable")
+
+
 def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
     options = dict(options)
     privacy = options.pop("privacy", "fast")
     if privacy not in PRIVACY:
         raise PLLError(f"unknown bfv privacy {privacy!r} (known: {', '.join(PRIVACY)})")
-    params = PLLParams(**{**DEFAULTS, **options})
-    stacked = {group.key: _stack(group, weights, params) for group in groups}
+    params, stacked = _widest_fit(groups, weights, {**DEFAULTS, **options}, "x_bits" in options)
     modulus = max((m for *_, m in stacked.values()), default=2)
     context(PRIVACY[privacy], modulus)  # validate the parameter set at compile time
     tensors: dict[str, np.ndarray] = {}
@@ -295,11 +316,56 @@ class Client:
         return delta_of(decode(y, self.modulus, state.scale, self.out_scales[group.key]), state.leading, group.d_out)
 
 
-@dataclass
-class Session:
-    """A client's public key, and the masks t of its groups between message 0 and message 1."""
+class ZeroPool:
+    """Fresh public-key encryptions of zero, made ahead of time: a reply is re-randomised with one
+    of them, used once. Making one costs about 1 ms, 60-70% of a reply ciphertext, so a
+    background thread makes them while the server is idle (between a client's requests) and a
+    reply takes a ready one, or makes its own when none is left. The time spent making them is
+    counted (``made_seconds``): it is work moved off the critical path, never hidden."""
 
-    encryptor: Any
+    def __init__(self, encryptor: Any, parms_id: list[int], target: int) -> None:
+        self.encryptor, self.parms_id, self.target = encryptor, parms_id, target
+        self.ready: collections.deque[seal.Ciphertext] = collections.deque()
+        self.made_seconds = 0.0
+        self.made = 0
+        self.taken_ready = 0  # replies re-randomised with a zero made ahead of time
+
+    def make(self) -> seal.Ciphertext:
+        start = time.perf_counter()
+        zero = seal.Ciphertext()
+        self.encryptor.encrypt_zero(self.parms_id, zero)
+        self.made_seconds += time.perf_counter() - start
+        self.made += 1
+        return zero
+
+    @property
+    def short(self) -> bool:
+        return len(self.ready) < self.target
+
+    def refill(self) -> None:
+        """One more zero for the pool (the background thread's unit of work)."""
+        self.ready.append(self.make())
+
+    def take(self) -> seal.Ciphertext:
+        try:
+            zero = self.ready.popleft()  # deque operations are atomic: no lock needed
+        except IndexError:
+            return self.make()
+        self.taken_ready += 1
+        return zero
+
+    @property
+    def offline_seconds(self) -> float:
+        """The time the zeros taken from the pool cost to make, ahead of time."""
+        return self.taken_ready * self.made_seconds / max(self.made, 1)
+
+
+@dataclass(eq=False)  # sessions are compared by identity (and kept in a WeakSet)
+class Session:
+    """A client's public key (as a pool of encryptions of zero), and the masks t of its groups
+    between message 0 and message 1."""
+
+    zeros: ZeroPool
     pending: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -318,6 +384,63 @@ class Session:
         return pending[1]
 
 
+class IdleFiller:
+    """One daemon thread per server that tops up the sessions' zero pools while no request is
+    being evaluated. The SEAL bindings hold the GIL, so work in a thread only pays when the
+    server would otherwise wait; it yields the GIL after every zero so a request starts at once,
+    and it starts only after the server has been idle for ``grace`` seconds, so that it does not
+    compete with a client in the same process between the messages of one step."""
+
+    def __init__(self, grace: float = 0.005) -> None:
+        self.sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self.grace = grace
+        self.last_request = 0.0
+        self.busy = 0  # requests being evaluated
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, session: Session) -> None:
+        with self.lock:
+            self.sessions.add(session)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="privlora-bfv-zeros", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.busy -= 1
+            self.last_request = time.monotonic()
+        self.wake.set()
+
+    def _next(self) -> tuple[Session | None, float]:
+        """The session to top up, or how long to wait before asking again (0: until woken)."""
+        with self.lock:
+            if self.busy:
+                return None, 0.0
+            quiet = time.monotonic() - self.last_request
+            if quiet < self.grace:
+                return None, self.grace - quiet
+            return next((session for session in list(self.sessions) if session.zeros.short), None), 0.0
+
+    def _run(self) -> None:
+        while True:
+            session, delay = self._next()
+            if session is not None:
+                session.zeros.refill()
+                time.sleep(0)  # hand the GIL to a request that is waiting for it
+            elif delay:
+                time.sleep(delay)
+            else:
+                self.wake.clear()
+                self.wake.wait(timeout=1.0)
+
+
 class Server:
     messages = MESSAGES
 
@@ -331,13 +454,19 @@ class Server:
         self.matrices = {g.key: (tensors[f"{g.key}.a_hat"].astype(np.int64), tensors[f"{g.key}.b_hat"].astype(np.int64))
                          for g in groups}
         self.rng = SystemRandom()
+        self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
+        self.filler = IdleFiller()
         self._encoded: dict[tuple[str, int, int, int], list[list[seal.Plaintext]]] = {}
         self._encoded_lock = threading.Lock()
 
     def open_session(self, evaluation_keys: bytes) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
         public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
-        return Session(seal.Encryptor(self.ctx, public))
+        level = self.first if self.bfv.rerandomise_before_switch else self.last
+        session = Session(ZeroPool(seal.Encryptor(self.ctx, public), level, self.zero_pool))
+        if self.zero_pool:
+            self.filler.add(session)
+        return session
 
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         d_in, d_out = (group.d_in, group.rank) if message == 0 else (group.rank, group.d_out)
@@ -350,10 +479,11 @@ class Server:
             raise PayloadError("malformed payload: no row count")
         (rows,) = _ROWS.unpack(blobs[0])
         if rows > MAX_ROWS:
-            raise PayloadError(f"a request carries at most {MAX_ROWS} rows")
+            raise PayloadError(f"malformed payload: a request carries at most {MAX_ROWS} rows")
         layout = self._layout(group, message, rows)
         if len(blobs) - 1 != layout.input_ciphertexts:
-            raise PayloadError(f"expected {layout.input_ciphertexts} ciphertexts for {rows} rows, got {len(blobs) - 1}")
+            raise PayloadError(f"malformed payload: {rows} rows take {layout.input_ciphertexts} ciphertexts, "
+                               f"got {len(blobs) - 1}")
         inputs = [self._load_input(blob) for blob in blobs[1:]]
         return Request(message, rows if message == 0 else 0, (layout, inputs))
 
@@ -363,16 +493,18 @@ class Server:
             raise PayloadError("input ciphertext has the wrong size, level or form")
         return ct
 
-    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[seal.Plaintext]]:
+    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[seal.Plaintext | None]]:
         """The weight polynomials of A_hat (message 0) or B_hat (message 1) for this block shape,
-        in NTT form, encoded once per shape and kept."""
+        in NTT form (None for an all-zero block, such as the off-diagonal blocks of a fused
+        group's B), encoded once per shape and kept."""
         key = (group.key, message, layout.db, layout.ob)
         with self._encoded_lock:
             encoded = self._encoded.get(key)
         if encoded is None:
             matrix = self.matrices[group.key][message]
             polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
-            encoded = [[self._ntt(sealx.plaintext(self.ctx, poly)) for poly in row] for row in polys]
+            encoded = [[self._ntt(sealx.plaintext(self.ctx, poly)) if poly.any() else None for poly in row]
+                       for row in polys]
             with self._encoded_lock:
                 self._encoded[key] = encoded
         return encoded
@@ -381,20 +513,26 @@ class Server:
         self.evaluator.transform_to_ntt_inplace(plain, self.first)
         return plain
 
-    def _products(self, layout: Layout, inputs: list[seal.Ciphertext], weights: list[list[seal.Plaintext]]):
+    def _products(self, layout: Layout, inputs: list[seal.Ciphertext], weights: list[list[seal.Plaintext | None]],
+                  session: Session):
         """For every (row block, out block): the sum over input blocks of input x weight, out of NTT form."""
         for ct in inputs:
             self.evaluator.transform_to_ntt_inplace(ct)
         for i in range(layout.row_blocks):
             row = inputs[i * layout.in_blocks:(i + 1) * layout.in_blocks]
             for m in range(layout.out_blocks):
-                total = seal.Ciphertext()
-                self.evaluator.multiply_plain(row[0], weights[m][0], total)
-                for ct, plain in zip(row[1:], weights[m][1:]):
+                total = None
+                for ct, plain in zip(row, weights[m]):
+                    if plain is None:  # SEAL refuses a product that is transparent (identically zero)
+                        continue
                     part = seal.Ciphertext()
                     self.evaluator.multiply_plain(ct, plain, part)
-                    self.evaluator.add_inplace(total, part)
-                self.evaluator.transform_from_ntt_inplace(total)
+                    total = part if total is None else self.evaluator.add_inplace(total, part) or total
+                if total is None:  # an all-zero block of outputs: an encryption of zero stands for it
+                    total = seal.Ciphertext()
+                    session.zeros.encryptor.encrypt_zero(self.first, total)
+                else:
+                    self.evaluator.transform_from_ntt_inplace(total)
                 yield total
 
     def _uniform(self, layout: Layout) -> np.ndarray:
@@ -402,7 +540,14 @@ class Server:
         shape = (layout.row_blocks, layout.out_blocks, layout.degree)
         return self.rng.integers(0, self.modulus, size).astype(np.uint64).reshape(shape)
 
+    def offline_seconds(self, session: Session) -> float:
+        return session.zeros.offline_seconds
+
     def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
+        with self.filler:  # no background work while a request is evaluated
+            return self._evaluate(group, request, session)
+
+    def _evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
         layout, inputs = request.data
         fill = self._uniform(layout)  # every coefficient of a reply is masked
         if request.message == 0:
@@ -414,7 +559,7 @@ class Server:
             error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
             correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)
             added = layout.scatter(np.mod(correction, self.modulus).astype(np.uint64), fill)
-        sums = self._products(layout, inputs, self._weights(group, request.message, layout))
+        sums = self._products(layout, inputs, self._weights(group, request.message, layout), session)
         return frame([self._finish(total, poly, session) for total, poly in zip(sums, added.reshape(-1, layout.degree))])
 
     def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: Session) -> bytes:
@@ -430,6 +575,4 @@ class Server:
 
     def _rerandomise(self, ct: seal.Ciphertext, session: Session) -> None:
         """Add a fresh public-key encryption of zero: the reply's mask becomes fresh."""
-        zero = seal.Ciphertext()
-        session.encryptor.encrypt_zero(ct.parms_id(), zero)
-        self.evaluator.add_inplace(ct, zero)
+        self.evaluator.add_inplace(ct, session.zeros.take())

@@ -40,6 +40,8 @@ from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, Payload
 from privlora.backends.pll import PLLError, SystemRandom, discrete_gaussian
 
 NAME = "ckks"
+# the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
+CLIENT_PARAMS: frozenset[str] = frozenset({"backend", "ckks", "flood", "steps", "groups"})
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, d
                                    encode_input, quantize_group)
 
 NAME = "concrete"
+# the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
+CLIENT_PARAMS: frozenset[str] = frozenset({"backend", "pll", "functions", "groups", "client_specs"})
 DEFAULTS = {"x_bits": 8, "w_bits": 6, "max_modulus_bits": 38}  # 38: the widest that compiles at 576 -> 768
 
 

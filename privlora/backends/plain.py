@@ -28,6 +28,8 @@ from privlora.backends.pll import (PLLError, PLLParams, QuantizedSite, decode, e
                                    masked_intermediate, quantize_group, respond)
 
 NAME = "plain"
+# the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
+CLIENT_PARAMS: frozenset[str] = frozenset({"backend", "pll", "protocol", "groups"})
 PROTOCOLS = {"direct": 1, "masked": 2}  # protocol -> messages per group
 
 
@@ -110,6 +112,9 @@ class Server:
     def open_session(self, evaluation_keys: bytes) -> Session:
         refuse_keys(evaluation_keys)
         return Session()
+
+    def offline_seconds(self, session: Session) -> float:
+        return 0.0
 
     def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
         check_message(message, self.messages)

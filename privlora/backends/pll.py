@@ -73,6 +73,9 @@ class SystemRandom:
         span = high - low
         if span <= 0 or span > 2**62:
             raise ValueError("integers() needs 0 < high - low <= 2^62")
+        if span & (span - 1) == 0:  # a power of two: the low bits of a uniform word are uniform
+            words = np.frombuffer(os.urandom(8 * size), dtype=np.uint64)
+            return (words & np.uint64(span - 1)).astype(np.int64) + low
         limit = np.uint64((2**64 // span) * span - 1)
         accepted = np.empty(0, dtype=np.uint64)
         while accepted.size < size:

@@ -12,6 +12,8 @@ from privlora.backends.base import (BackendBuild, GroupSpec, KeylessClient, OneM
                                     check_message, delta_of, pack, refuse_keys, unpack)
 
 NAME = "reference"
+# the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
+CLIENT_PARAMS: frozenset[str] = frozenset({"backend"})
 
 
 def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:

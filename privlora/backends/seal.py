@@ -14,7 +14,6 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,10 +68,15 @@ def galois_elements(steps: Iterable[int], poly_modulus_degree: int) -> list[int]
     return sorted({pow(3, step, 2 * poly_modulus_degree) for step in steps})
 
 
+_HEADER = struct.Struct("<HBBBBHQ")  # SEALHeader: magic, header size, version, compression, reserved, total size
+_MAGIC, _VERSION = 0xA15E, (4, 3)
+
+
 class _Scratch:
     """A private temporary directory for the file-only save/load of the bindings (in memory on
     Linux where /dev/shm exists). Names are unique across threads: a server evaluates several
-    sessions at once, and two calls must never share a file."""
+    sessions at once, and two calls must never share a file. Plain ``os`` calls: this is on the
+    path of every ciphertext, where pathlib's parsing costs as much as SEAL's own load."""
 
     def __init__(self) -> None:
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -80,7 +84,7 @@ class _Scratch:
         self._count = itertools.count()  # next() on a count is atomic under the GIL
 
     def path(self) -> str:
-        return str(Path(self._dir.name) / f"{os.getpid()}-{threading.get_ident()}-{next(self._count)}.bin")
+        return f"{self._dir.name}/{os.getpid()}-{threading.get_ident()}-{next(self._count)}.bin"
 
 
 _SCRATCH: _Scratch | None = None
@@ -89,10 +93,18 @@ _SCRATCH_LOCK = threading.Lock()
 
 def _scratch_path() -> str:
     global _SCRATCH
-    with _SCRATCH_LOCK:
-        if _SCRATCH is None:
-            _SCRATCH = _Scratch()
+    if _SCRATCH is None:
+        with _SCRATCH_LOCK:
+            if _SCRATCH is None:
+                _SCRATCH = _Scratch()
     return _SCRATCH.path()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -100,27 +112,29 @@ def to_bytes(obj: Any) -> bytes:
     path = _scratch_path()
     try:
         obj.save(path)
-        return Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     finally:
-        Path(path).unlink(missing_ok=True)
+        _unlink(path)
 
 
 def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes, what: str) -> Any:
     """Load a SEAL object, turning SEAL's validation errors into :class:`PayloadError`."""
+    if len(payload) < _HEADER.size or _HEADER.unpack_from(payload)[-1] != len(payload):
+        raise PayloadError(f"malformed {what}: its SEAL header does not match its length")  # SEAL ignores extra bytes
     path = _scratch_path()
     obj = factory()
     try:
-        Path(path).write_bytes(payload)
+        with open(path, "wb") as handle:
+            handle.write(payload)
         obj.load(ctx, path)
     except (RuntimeError, ValueError, OSError) as exc:
         raise PayloadError(f"malformed {what}: {exc}") from None
     finally:
-        Path(path).unlink(missing_ok=True)
+        _unlink(path)
     return obj
 
 
-_HEADER = struct.Struct("<HBBBBHQ")  # SEALHeader: magic, header size, version, compression, reserved, total size
-_MAGIC, _VERSION = 0xA15E, (4, 3)
 
 
 def _header(size: int) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privlora.attack import ExtractionResult, extract, render_extraction, render_svg
+from privlora.attack import ExtractionResult, extract, extract_bfv, render_extraction, render_svg
 from privlora.backends.pll import PLLParams, quantize_site
 
 
@@ -30,6 +30,20 @@ def test_the_mask_hides_the_intermediate_and_large_error_blocks_exact_recovery()
     assert not exact and error > 1.0
     error, exact = extract(site(1e5), 32, "reply", rng)
     assert not exact and error > 1e-3
+
+
+def test_the_attack_through_the_real_bfv_backend():
+    """Through real encryption and both messages: the reply gives the map exactly from d_in chosen
+    rows at the default sigma (the query budget is the defence), half as many do not suffice
+    (control), and the masked intermediate gives nothing."""
+    rng = np.random.default_rng(2)
+    weights = np.random.default_rng(3)
+    lora_a, lora_b = weights.normal(0, 0.1, (4, 32)), weights.normal(0, 0.1, (24, 4))
+    enough = extract_bfv(lora_a, lora_b, 2.0, 3.2, 64, rng)
+    assert enough["bfv-reply"][1] and enough["bfv-reply"][0] < 1e-6
+    assert not enough["bfv-intermediate"][1] and enough["bfv-intermediate"][0] > 1.0
+    too_few = extract_bfv(lora_a, lora_b, 2.0, 3.2, 16, rng)
+    assert not too_few["bfv-reply"][1] and too_few["bfv-reply"][0] > 0.1
 
 
 def test_render():

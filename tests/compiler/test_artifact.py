@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_adapter
-from leakscan import find_leaks
+from leakscan import adapter_secrets, find_leaks, public_base
 from privlora.cli import main
 from privlora.core.artifact import CLIENT, MANIFEST, ArtifactError, load_bundle
 from privlora.compiler.driver import compile_artifact
 from privlora.compiler.frontend import sample_steps
 from privlora.models.loading import load_model
-from privlora.models.lora import read_adapter
 from privlora.models.step import TorchStep
 from privlora.runtime.client import open_local
 from privlora.runtime.generation import GenerationConfig, generate
@@ -67,14 +66,9 @@ def test_report_and_manifest(compiled):
 
 def test_client_bundle_holds_no_private_weight(compiled):
     base, adapter, report = compiled
-    lora = read_adapter(adapter)
-    secrets = {}
-    for site in lora.sites:
-        secrets[f"{site.module}.A"] = site.lora_A.numpy()
-        secrets[f"{site.module}.B"] = site.lora_B.numpy()
-        secrets[f"{site.module}.dW"] = site.delta_weight().numpy()
+    secrets = adapter_secrets(adapter)
     client_files = [p for p in (report.artifact / CLIENT).rglob("*") if p.is_file()]
-    assert client_files and find_leaks(client_files, secrets) == []
+    assert client_files and find_leaks(client_files, secrets, public_base(base, adapter)) == []
     server_file = report.artifact / "server" / "program.safetensors"
     assert find_leaks([server_file], secrets)  # the scan does find them where they are
 
@@ -169,7 +163,5 @@ def test_pll_backends_through_the_artifact(compiled, tmp_path, backend, options)
     if backend == "ckks":
         config = GenerationConfig(max_new_tokens=8)
         assert list(generate(runner, [3, 14, 15], config)) == list(generate(model, [3, 14, 15], config))
-    lora = read_adapter(adapter)
-    secrets = {f"{s.module}.A": s.lora_A.numpy() for s in lora.sites}
     client_files = [p for p in (report.artifact / CLIENT).rglob("*") if p.is_file()]
-    assert find_leaks(client_files, secrets) == []
+    assert find_leaks(client_files, adapter_secrets(adapter), public_base(base, adapter)) == []

@@ -1,5 +1,5 @@
 """Secure generation with SmolLM2 + the demo adapter over a real uvicorn server on 127.0.0.1,
-with real CKKS encryption: the greedy answer to a held-out demo question is token for token the
+with real encryption (bfv and ckks): the greedy answer to a held-out demo question is token for token the
 plaintext fine-tuned model's."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from privlora.runtime.transport import HttpTransport
 pytestmark = pytest.mark.smollm2
 
 
-def test_secure_greedy_answer_equals_the_plaintext_fine_tuned_model(tmp_path, smollm2_dir):
-    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path / "artifact", backend="ckks")
+@pytest.mark.parametrize("backend", ["bfv", "ckks"])
+def test_secure_greedy_answer_equals_the_plaintext_fine_tuned_model(tmp_path, smollm2_dir, backend):
+    report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path / "artifact", backend=backend)
     tuned = load_model("smollm2", DEMO_ADAPTER)
     question = load_qa(split="heldout")[0].question
     prompt = encode_chat(tuned.tokenizer, question)

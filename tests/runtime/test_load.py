@@ -46,7 +46,8 @@ def test_concurrent_clients_are_all_served_at_once_and_correctly(tiny_build, cap
     assert report.server_rss_bytes and report.latencies
     prompts = [prompt for prompt, _ in report.generated]
     config = GenerationConfig(max_new_tokens=report.tokens)
-    assert [tokens for _, tokens in report.generated] == plaintext_tokens(tiny_build.base, tiny_build.adapter, prompts, config)
+    expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, prompts, config)
+    assert [tokens for _, tokens in report.generated] == expected
     # the clients ran at once, and the server evaluated requests of different sessions at once
     assert sessions_overlap(client_intervals(report))
     served = server_intervals(caplog.records)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 from live import LiveServer, plaintext_tokens
-from privlora.backends import ckks
+from privlora.backends import bfv, ckks
 from privlora.backends import seal as sealx
 from privlora.backends.base import PayloadError, frame, pack, unframe, unpack
 from privlora.core.artifact import CLIENT, CRYPTO, load_bundle
@@ -53,7 +53,7 @@ class RecordingTransport(HttpTransport):
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_build):
-    built = {name: tiny_build.artifact(name) for name in ("ckks", "concrete", "reference")}
+    built = {name: tiny_build.artifact(name) for name in ("bfv", "ckks", "concrete", "reference")}
     built["plain-masked"] = tiny_build.artifact("plain", protocol="masked")
     return tiny_build.base, tiny_build.adapter, built
 
@@ -73,11 +73,14 @@ def expected(artifacts):
     return plaintext_tokens(base, adapter, list(PROMPTS), CONFIG)
 
 
-def recorded_client(artifacts, live, name: str) -> tuple[SecureClient, RecordingTransport, list[tuple[GroupSpec, np.ndarray]]]:
+Inputs = list[tuple[GroupSpec, np.ndarray]]  # the group and the activation rows of each request, in order
+
+
+def recorded_client(artifacts, live, name: str) -> tuple[SecureClient, RecordingTransport, Inputs]:
     """A client whose wire is recorded, with the group and the activation rows of every request it sends."""
     transport = RecordingTransport(live[name].url)
     client = SecureClient(artifacts[2][name], transport, cache_keys=False)
-    inputs: list[tuple[GroupSpec, np.ndarray]] = []
+    inputs: Inputs = []
     encrypt = client.crypto.encrypt
 
     def recording_encrypt(group, x):
@@ -132,8 +135,9 @@ def readable_x(reader: ckks.Client, group: GroupSpec, x: np.ndarray, body: bytes
     return None
 
 
-def test_secure_generation_over_http_equals_the_plaintext_model(artifacts, live, expected):
-    client = SecureClient(artifacts[2]["ckks"], HttpTransport(live["ckks"].url), cache_keys=False)
+@pytest.mark.parametrize("backend", ["bfv", "ckks"])
+def test_secure_generation_over_http_equals_the_plaintext_model(artifacts, live, expected, backend):
+    client = SecureClient(artifacts[2][backend], HttpTransport(live[backend].url), cache_keys=False)
     try:
         for prompt, tokens in zip(PROMPTS, expected):
             client.steps.clear()
@@ -145,26 +149,78 @@ def test_secure_generation_over_http_equals_the_plaintext_model(artifacts, live,
         client.close()
 
 
-def recorded_generation(artifacts, live, name: str) -> tuple[RecordingTransport, list[tuple[GroupSpec, np.ndarray]]]:
+def recorded_generation(artifacts, live, name: str) -> tuple[RecordingTransport, Inputs]:
     """Two tokens from PROMPTS[0] with the wire recorded."""
     client, transport, inputs = recorded_client(artifacts, live, name)
     try:
         list(generate(client, PROMPTS[0], GenerationConfig(max_new_tokens=2)))
     finally:
         client.close()
-    assert inputs and len(inputs) == len(transport.requests) == len(transport.replies)
+    assert inputs and client.crypto.messages * len(inputs) == len(transport.requests) == len(transport.replies)
     return transport, inputs
 
 
-def test_the_ckks_wire_carries_only_ciphertexts_and_keys_a_stranger_cannot_read(artifacts, live):
+def test_nothing_on_the_wire_is_plaintext(artifacts, live):
+    """The ckks wire carries exactly a rotation-key set and a public key, input ciphertexts that a
+    stranger's key cannot read x from, and replies at the last level."""
     transport, inputs = recorded_generation(artifacts, live, "ckks")
     reader = stranger(artifacts[2]["ckks"])
     galois, public = unframe(transport.keys, 2)  # raises PayloadError unless they parse as exactly these keys
     sealx.from_bytes(seal.GaloisKeys, reader.ctx, galois, "rotation keys")
     sealx.from_bytes(seal.PublicKey, reader.ctx, public, "public key")
-    assert [readable_x(reader, group, x, body) for (group, x), body in zip(inputs, transport.requests)] == [None] * len(inputs)
+    found = [readable_x(reader, group, x, body) for (group, x), body in zip(inputs, transport.requests)]
+    assert found == [None] * len(inputs)
     for reply in transport.replies:  # ciphertexts at the last level
         ciphertexts(reader.ctx, reply, reader.ctx.last_parms_id())
+
+
+def bfv_stranger(artifact) -> bfv.Client:
+    return bfv.Client(json.loads(load_bundle(artifact, CLIENT).path(CRYPTO).read_text()))
+
+
+def bfv_readable(reader: bfv.Client, group: GroupSpec, x: np.ndarray, body: bytes) -> str | None:
+    """Why a bfv message-0 body could give x to someone without the client's secret key, or None:
+    it must be a row count and BFV ciphertexts at the first level, which ``reader``'s key decrypts to
+    coefficients uncorrelated with where the client put x's quantised rows."""
+    try:
+        header, *blobs = unframe(body)
+        parts = [sealx.from_bytes(seal.Ciphertext, reader.ctx, blob, "ciphertext") for blob in blobs]
+    except PayloadError as exc:
+        return f"not bfv input ciphertexts: {exc}"
+    if any(ct.size() != 2 or ct.parms_id() != reader.ctx.first_parms_id() for ct in parts):
+        return "not bfv input ciphertexts: wrong size or level"
+    layout = bfv.choose_layout(len(x), group.d_in, group.rank, reader.bfv.poly_modulus_degree)
+    if len(parts) != layout.input_ciphertexts:
+        return f"{len(parts)} ciphertexts for a layout of {layout.input_ciphertexts}"
+    image = layout.encode(np.mod(np.rint(x / np.abs(x).max(axis=1, keepdims=True) * 32767), reader.modulus))
+    for ct, expected_poly in zip(parts, image.reshape(-1, layout.degree)):
+        plain = seal.Plaintext()
+        reader.decryptor.decrypt(ct, plain)
+        got = sealx.coefficients(plain, list(range(layout.degree)), layout.degree).astype(np.float64)
+        centred = np.where(expected_poly > reader.modulus // 2, expected_poly - float(reader.modulus), expected_poly)
+        got = np.where(got > reader.modulus // 2, got - reader.modulus, got)
+        correlation = np.corrcoef(got, centred)[0, 1]
+        if not abs(correlation) < MAX_CORRELATION:
+            return f"a stranger's key reads x (correlation {correlation:.2f})"
+    return None
+
+
+def test_nothing_on_the_bfv_wire_is_plaintext(artifacts, live):
+    """bfv: the key upload is exactly a public key; every message-0 request is BFV ciphertexts that a
+    stranger's key cannot read x from (control: the client's own key reads them); every reply is at
+    the reply level."""
+    transport, inputs = recorded_generation(artifacts, live, "bfv")
+    reader = bfv_stranger(artifacts[2]["bfv"])
+    (public,) = unframe(transport.keys, 1)
+    sealx.from_bytes(seal.PublicKey, reader.ctx, public, "public key")
+    first = transport.requests[::2]  # message 0 of each group; message 1 carries the masked h'
+    assert [bfv_readable(reader, group, x, body) for (group, x), body in zip(inputs, first)] == [None] * len(inputs)
+    own = bfv_stranger(artifacts[2]["bfv"])
+    group, x = inputs[0]
+    assert (bfv_readable(own, group, x, own.encrypt(group, x)[0]) or "").startswith("a stranger's key reads x")
+    for reply in transport.replies:
+        assert all(sealx.from_bytes(seal.Ciphertext, reader.ctx, blob, "reply").parms_id() == reader.ctx.last_parms_id()
+                   for blob in unframe(reply))
 
 
 def test_the_wire_check_flags_x_sent_readably(artifacts, live):
@@ -272,8 +328,8 @@ def test_body_limits_hold_exactly_for_declared_and_streamed_bodies(artifacts, li
     group = next(iter(client.groups.values()))[0]
     keys = client.crypto.evaluation_keys()
     request, state = client.crypto.encrypt(group, np.random.default_rng(0).normal(size=(1, group.d_in)))
-    unlimited = client.crypto.decrypt(group, client.transport.evaluate(client.session, group.round, group.index, 0, request),
-                                      state)
+    reply = client.transport.evaluate(client.session, group.round, group.index, 0, request)  # no limit on this server
+    unlimited = client.crypto.decrypt(group, reply, state)
     server = LiveServer(artifacts[2]["ckks"], BodyLimits(keys=len(keys), round=len(request)))
 
     def post(path: str, body: bytes, stream: bool) -> httpx.Response:

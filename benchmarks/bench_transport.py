@@ -2,8 +2,9 @@
 ``ckks`` (one), on SmolLM2 + the demo adapter, the demo's first question.
 
 For each backend, in one run: secure generation in process (no transport), over HTTP on
-loopback (a ``privlora serve`` subprocess), and over HTTP with an extra delay injected before
-every request (a simulated round-trip time). The decode step's time against the delay is a line
+loopback (a ``privlora serve`` subprocess, one request per message), over the WebSocket stream
+(one frame per message), and over the stream with an extra delay injected before every message
+(a simulated round-trip time). The decode step's time against the delay is a line
 whose slope is the messages per step, so the crossover RTT where ``ckks`` catches up is where
 the two lines meet.
 
@@ -30,11 +31,11 @@ from privlora.paths import DEMO_ADAPTER
 from privlora.qa import load_qa
 from privlora.runtime.client import SecureClient, open_local
 from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.transport import HttpTransport
+from privlora.runtime.transport import HttpTransport, StreamTransport
 
 
-class DelayedTransport(HttpTransport):
-    """HTTP with ``delay`` seconds slept before every request: a longer link, simulated."""
+class DelayedTransport(StreamTransport):
+    """The stream with ``delay`` seconds slept before every message: a longer link, simulated."""
 
     def __init__(self, url: str, delay: float) -> None:
         super().__init__(url)
@@ -48,7 +49,7 @@ class DelayedTransport(HttpTransport):
 @dataclass
 class Run:
     backend: str
-    transport: str  # "in-process", or "http" with delay_ms injected per request
+    transport: str  # "in-process", "http", or "stream" with delay_ms injected per message
     delay_ms: float
     prefill_s: float
     decode_step_s: float  # median decode step
@@ -86,9 +87,11 @@ def main() -> None:
             try:
                 url = f"http://127.0.0.1:{args.port}"
                 wait_for_server(url)
+                runs.append(measure(backend, "http", 0.0, SecureClient(artifact, HttpTransport(url), cache_keys=False),
+                                    prompt, config))
                 for delay in args.delays:
                     client = SecureClient(artifact, DelayedTransport(url, delay / 1000), cache_keys=False)
-                    runs.append(measure(backend, "http", delay, client, prompt, config))
+                    runs.append(measure(backend, "stream", delay, client, prompt, config))
             finally:
                 server.terminate()
                 server.wait(timeout=30)
@@ -102,20 +105,23 @@ def main() -> None:
 
 
 def summarise(runs: list[Run]) -> dict:
-    """Per-request HTTP overhead on loopback, its share of a decode step, and the crossover RTT."""
+    """Per-message overhead of each transport on loopback, its share of a decode step, and the
+    crossover RTT (on the stream)."""
     out: dict = {"tokens_identical_across_runs": len({tuple(r.tokens) for r in runs}) == 1}
     lines = {}
     for backend in ("bfv", "ckks"):
         local = next(r for r in runs if r.backend == backend and r.transport == "in-process")
-        http = sorted((r for r in runs if r.backend == backend and r.transport == "http"), key=lambda r: r.delay_ms)
-        overhead = (http[0].decode_step_s - local.decode_step_s) / local.messages_per_step
-        slope = (http[-1].decode_step_s - http[0].decode_step_s) / max(http[-1].delay_ms - http[0].delay_ms, 1e-9)
-        lines[backend] = (http[0].decode_step_s, slope)  # seconds at 0 ms, seconds per ms of delay
-        out[backend] = {"http_overhead_ms_per_request": 1000 * overhead,
-                        "http_overhead_share_of_decode_step": (http[0].decode_step_s - local.decode_step_s)
-                        / http[0].decode_step_s,
-                        "decode_step_s_in_process": local.decode_step_s, "decode_step_s_http": http[0].decode_step_s,
+        http = next(r for r in runs if r.backend == backend and r.transport == "http")
+        stream = sorted((r for r in runs if r.backend == backend and r.transport == "stream"), key=lambda r: r.delay_ms)
+        slope = (stream[-1].decode_step_s - stream[0].decode_step_s) / max(stream[-1].delay_ms - stream[0].delay_ms, 1e-9)
+        lines[backend] = (stream[0].decode_step_s, slope)  # seconds at 0 ms, seconds per ms of delay
+        out[backend] = {"decode_step_s_in_process": local.decode_step_s, "messages_per_step": local.messages_per_step,
                         "seconds_per_ms_of_rtt": slope}
+        for run in (http, stream[0]):
+            overhead = run.decode_step_s - local.decode_step_s
+            out[backend][run.transport] = {"decode_step_s": run.decode_step_s,
+                                           "overhead_ms_per_message": 1000 * overhead / local.messages_per_step,
+                                           "overhead_share_of_decode_step": overhead / run.decode_step_s}
     (b0, b1), (c0, c1) = lines["bfv"], lines["ckks"]
     out["crossover_rtt_ms"] = (c0 - b0) / (b1 - c1) if b1 > c1 else None
     return out

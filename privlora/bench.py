@@ -177,7 +177,8 @@ def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None
         delta = exchange(client, acc_group, acc_x, local_send(server, acc_group, session)).astype(np.float64)
         expected = exact_delta(acc_group, acc_weights, acc_x)
         errors.append(float(np.linalg.norm(delta - expected) / np.linalg.norm(expected)))
-    return SiteResult(name, case.name, group.d_in, group.d_out, sum(s.rank for s in group.sites), keygen, len(keys),
+    label = name + "".join(f" {key}={value}" for key, value in sorted((options or {}).items()))
+    return SiteResult(label, case.name, group.d_in, group.d_out, sum(s.rank for s in group.sites), keygen, len(keys),
                       statistics.median(timings["encrypt"]), statistics.median(timings["evaluate"]),
                       statistics.median(timings["decrypt"]), int(cost.bytes_up), int(cost.bytes_down), int(cost.messages),
                       statistics.median(timings["offline"]), case.rows, max(errors),

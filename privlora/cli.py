@@ -17,6 +17,7 @@ from privlora import __version__
 from privlora.backends import DEFAULT_BACKEND, REGISTRY, available
 from privlora.errors import PrivloraError
 from privlora.paths import DEMO_ADAPTER
+from privlora.runtime.transport import TRANSPORTS
 
 
 # The install role (pyproject extra) each command needs; the others need the full `compile` set.
@@ -99,11 +100,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def backend_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from privlora.compiler.driver import compile_artifact
 
     report = compile_artifact(args.base, args.adapter, args.output, backend=args.backend,
-                              dump_ir=Path(args.dump_ir) if args.dump_ir else None, debug=args.debug, force=args.force)
+                              dump_ir=Path(args.dump_ir) if args.dump_ir else None, debug=args.debug, force=args.force,
+                              backend_options=dict(args.backend_option))
     print(f"wrote {report.artifact} in {report.seconds:.1f} s: {report.sites} LoRA sites, "
           f"{report.rounds} rounds and {report.segments} public segments per step; "
           f"client bundle {report.client_bytes / 1e6:.1f} MB, server bundle {report.server_bytes / 1e6:.2f} MB")
@@ -139,9 +152,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from privlora.runtime.generation import GenerationConfig, generate
     from privlora.runtime.server import LOCAL, PrivateServer
     from privlora.runtime.tokenizer import load_client_tokenizer
-    from privlora.runtime.transport import HttpTransport, InProcessTransport
+    from privlora.runtime.transport import InProcessTransport, http_transport
 
-    transport = HttpTransport(args.server) if args.server else InProcessTransport(PrivateServer(args.artifact, LOCAL))
+    transport = (http_transport(args.server, args.transport) if args.server
+                 else InProcessTransport(PrivateServer(args.artifact, LOCAL)))
     if args.backend_check:
         info = transport.info()
         print(f"server: backend {info['backend']}, artifact {info['artifact'][:16]}, {info['sessions']} open sessions",
@@ -231,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in args.backend:  # backend-major: concrete's runtime threads must not slow the others
         for case in cases.values():
             repeats = args.repeats if args.repeats is not None else (2 if name == "concrete" else 5)
-            results.append(bench_site(name, case, repeats=repeats))
+            results.append(bench_site(name, case, repeats=repeats, options=dict(args.backend_option)))
             print(render(results[-1:]).splitlines()[2], file=sys.stderr)
     print(render(results))
     if args.json:
@@ -288,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--backend", default=DEFAULT_BACKEND, choices=available(),
                       help="how private rounds are evaluated: " +
                            "; ".join(f"{name}: {REGISTRY[name].summary}" for name in available()))
+    comp.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
+                      help="a backend option, repeatable: e.g. privacy=rigorous (bfv), sigma=100, x_bits=12")
     comp.add_argument("--dump-ir", default=None, metavar="DIR",
                       help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
     comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")
@@ -319,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the user's message")
     gen.add_argument("--server", default=None, metavar="URL",
                      help="privlora server (e.g. http://127.0.0.1:8000); default: an in-process server on the artifact")
+    gen.add_argument("--transport", default="stream", choices=TRANSPORTS,
+                     help="with --server: stream (one WebSocket per session) or http (one request per message)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding, else sample")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
@@ -369,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smollm2: fused q+v 576->768 with the demo adapter on real activations, one decoded row; "
                             "smollm2-prefill: the same site, 52 rows at once (one prompt's prefill); "
                             "chatglm2: query_key_value 4096->4608 r=8, random weights, one decoded row")
+    bench.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="a backend option for every backend measured, repeatable: e.g. privacy=rigorous (bfv)")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed single-row calls per site (default 5; 2 for concrete)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")

@@ -19,11 +19,11 @@ import numpy as np
 from privlora.core.artifact import CLIENT, load_bundle
 from privlora.runtime.client import SecureClient
 from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.transport import HttpTransport, TransportError
+from privlora.runtime.transport import HttpTransport, StreamTransport, TransportError
 
 
-class TimedTransport(HttpTransport):
-    """HTTP transport that records each round request's latency and outcome."""
+class TimedTransport(StreamTransport):
+    """The stream transport, recording each message's latency and outcome."""
 
     def __init__(self, url: str, report: LoadReport) -> None:
         super().__init__(url)

@@ -5,16 +5,16 @@
 - ``bytes``: every row and column of a secret as little-endian bytes at any offset of every file
   (and of every base64 string in a JSON file): float16/32/64 as they are, divided by their largest
   |value| or by their L2 norm, and quantised, ``round(v / max|v| * (2^(b-1) - 1))`` for b = 4..16,
-  as int8 (b <= 8), int16 and int32. A needle must carry 128 bits and 4 distinct values, so the
-  columns of a rank-4 A (4 values each) are found as float32/64 but not as float16 or quantised.
+  as int8 (b <= 8), int16 (b >= 6) and int32 (b >= 12). A needle must carry 128 bits and 4
+  distinct values, so the columns of a rank-4 A (4 values each) are found as float32/64 only.
 - ``vector``: numeric arrays parsed from ONNX initializers and Constant nodes (subgraphs
-  included), JSON numbers (a list of strings of numbers too), .npy/.npz and .safetensors: their
-  rows (last axis), columns (first axis), and a 1-D array's consecutive and strided chunks of every
-  secret length, against each secret's rows and columns with any factor per vector. A low-rank
-  secret (rank <= length / 4: A's rows, B's columns, dW) matches a vector in the span of its rows
-  (|cosine| >= SPAN_COSINE), so dW with a factor per row counts; a short full-rank one (A's
-  columns) matches one of its vectors (|cosine| >= VECTOR_COSINE). Vectors shorter than
-  MIN_LENGTH are not compared, and 3-D reshapes are seen only along their first and last axes.
+  included), JSON numbers (a list of strings of numbers too), .npy/.npz and .safetensors, compared
+  with each secret's rows and columns up to any factor per vector. A low-rank secret (rank <=
+  length / 4: A's rows, B's columns, dW) matches a vector in the span of its rows (|cosine| >=
+  SPAN_COSINE), so dW with a factor per row counts; a short full-rank one (A's columns, B's rows)
+  matches one of its vectors (|cosine| >= VECTOR_COSINE). Candidates: an array's rows (last axis)
+  and columns (first axis); a 1-D array's consecutive and strided chunks of every length of a
+  low-rank secret. Vectors shorter than MIN_LENGTH are not compared.
 - ``merged``: with the base checkpoint, every parsed 2-D array with the shape of an adapted
   module's W0 or W0^T must equal a base weight bit for bit; W0 + dW in a public weight does not.
 """

@@ -29,7 +29,8 @@ class LiveServer:
     def __init__(self, artifact, limits=BodyLimits(), session_limits=SessionLimits()) -> None:
         self.port = _free_port()
         config = uvicorn.Config(create_app(PrivateServer(artifact, session_limits), limits), host="127.0.0.1", port=self.port,
-                                log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+                                log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                                ws_max_size=limits.round, ws_ping_interval=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -50,7 +50,8 @@ import tenseal.sealapi as seal
 from privlora.backends import seal as sealx
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, Request, Weights,
                                     block_diagonal, check_message, delta_of, frame, rows_of, unframe)
-from privlora.backends.pll import PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input, quantize_group
+from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input,
+                                   pll_params, quantize_group)
 
 NAME = "bfv"
 MESSAGES = 2
@@ -60,6 +61,7 @@ DEFAULTS = {"x_bits": 16, "w_bits": 10, "max_modulus_bits": 46}
 MAX_ROWS = 1 << 16  # rows one request may declare
 # Encryptions of zero a session keeps ready: a SmolLM2 decode step (30 groups) uses 120 at most.
 ZERO_POOL = 128
+ZERO_GRACE = 0.005  # seconds of quiet before the pool is topped up
 _ROWS = struct.Struct("<I")
 
 
@@ -67,12 +69,11 @@ _ROWS = struct.Struct("<I")
 class BFVParameters:
     poly_modulus_degree: int
     coeff_bits: tuple[int, ...]  # reply prime | primes dropped before the reply | special prime
-    rerandomise_before_switch: bool
 
 
 PRIVACY = {
-    "fast": BFVParameters(4096, (60, 29, 20), rerandomise_before_switch=False),
-    "rigorous": BFVParameters(8192, (60, 44, 43, 20), rerandomise_before_switch=True),
+    "fast": BFVParameters(4096, (60, 29, 20)),  # the switch drops 29 bits
+    "rigorous": BFVParameters(8192, (60, 44, 43, 20)),  # the switch drops 87 bits
 }
 
 
@@ -210,7 +211,7 @@ def _widest_fit(groups: list[GroupSpec], weights: Weights, options: dict[str, An
     """Quantise every group; unless x_bits was given, narrow the rows one bit at a time (16 down
     to 8) until every group's worst case fits the largest p allowed."""
     for x_bits in [options["x_bits"]] if fixed else range(options["x_bits"], 7, -1):
-        params = PLLParams(**{**options, "x_bits": x_bits})
+        params = pll_params({**options, "x_bits": x_bits}, NAME)
         try:
             return params, {group.key: _stack(group, weights, params) for group in groups}
         except PLLError:
@@ -263,13 +264,7 @@ class Client:
         self.modulus = int(params["plain_modulus"])
         self.out_scales = {key: np.asarray(g["out_scale"]) for key, g in params["groups"].items()}
         self.ctx = context(self.bfv, self.modulus)
-        if secret_key is None:
-            self.keygen = seal.KeyGenerator(self.ctx)
-        else:
-            self.keygen = seal.KeyGenerator(self.ctx, sealx.from_bytes(seal.SecretKey, self.ctx, secret_key, "secret key"))
-        secret = self.keygen.secret_key()
-        self.encryptor = seal.Encryptor(self.ctx, secret)
-        self.decryptor = seal.Decryptor(self.ctx, secret)
+        self.keygen, self.encryptor, self.decryptor = sealx.client_keys(self.ctx, secret_key)
 
     def secret_key(self) -> bytes:
         return sealx.to_bytes(self.keygen.secret_key())
@@ -455,15 +450,14 @@ class Server:
                          for g in groups}
         self.rng = SystemRandom()
         self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
-        self.filler = IdleFiller()
+        self.filler = IdleFiller(float(params.get("zero_grace", ZERO_GRACE)))
         self._encoded: dict[tuple[str, int, int, int], list[list[seal.Plaintext]]] = {}
         self._encoded_lock = threading.Lock()
 
     def open_session(self, evaluation_keys: bytes) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
         public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
-        level = self.first if self.bfv.rerandomise_before_switch else self.last
-        session = Session(ZeroPool(seal.Encryptor(self.ctx, public), level, self.zero_pool))
+        session = Session(ZeroPool(seal.Encryptor(self.ctx, public), self.first, self.zero_pool))
         if self.zero_pool:
             self.filler.add(session)
         return session
@@ -563,14 +557,12 @@ class Server:
         return frame([self._finish(total, poly, session) for total, poly in zip(sums, added.reshape(-1, layout.degree))])
 
     def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: Session) -> bytes:
-        """Add the mask (and error), re-randomise, switch to the reply modulus."""
+        """Add the mask (and error), re-randomise, then switch to the reply modulus: the switch
+        rounds a fresh ciphertext (switching first would round c1, a function of the client's
+        ciphertext and the weights only, and keep that rounding in the reply's noise)."""
         self.evaluator.add_plain_inplace(total, sealx.plaintext(self.ctx, added))
-        if self.bfv.rerandomise_before_switch:
-            self._rerandomise(total, session)
-            self.evaluator.mod_switch_to_inplace(total, self.last)
-        else:
-            self.evaluator.mod_switch_to_inplace(total, self.last)
-            self._rerandomise(total, session)
+        self._rerandomise(total, session)
+        self.evaluator.mod_switch_to_inplace(total, self.last)
         return sealx.to_bytes(total)
 
     def _rerandomise(self, ct: seal.Ciphertext, session: Session) -> None:

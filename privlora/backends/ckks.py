@@ -163,13 +163,7 @@ class Client(OneMessage):
         self.steps = [int(s) for s in params["steps"]]
         self.betas = {key: float(g["beta"]) for key, g in params["groups"].items()}
         self.ctx = sealx.context(self.params)
-        if secret_key is None:
-            self.keygen = seal.KeyGenerator(self.ctx)
-        else:
-            self.keygen = seal.KeyGenerator(self.ctx, sealx.from_bytes(seal.SecretKey, self.ctx, secret_key, "secret key"))
-        secret = self.keygen.secret_key()
-        self.encryptor = seal.Encryptor(self.ctx, secret)
-        self.decryptor = seal.Decryptor(self.ctx, secret)
+        self.keygen, self.encryptor, self.decryptor = sealx.client_keys(self.ctx, secret_key)
         self.encoder = seal.CKKSEncoder(self.ctx)
         self.scale = 2.0**self.params.scale_bits
         self.layouts: dict[str, Layout] = {}

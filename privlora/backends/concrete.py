@@ -33,7 +33,7 @@ import numpy as np
 from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, PayloadError, Request, Weights, block_diagonal,
                                     check_message, delta_of, frame, rows_of, unframe)
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, decode, discrete_gaussian,
-                                   encode_input, quantize_group)
+                                   encode_input, pll_params, quantize_group)
 
 NAME = "concrete"
 # the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
@@ -119,7 +119,7 @@ def _module(shapes: list[Shape], params: PLLParams):
 
 
 def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
-    params = PLLParams(**{**DEFAULTS, **options})
+    params = pll_params({**DEFAULTS, **options}, NAME)
     tensors: dict[str, np.ndarray] = {}
     client_groups: dict[str, Any] = {}
     shapes: dict[str, Shape] = {}

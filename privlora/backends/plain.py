@@ -25,7 +25,7 @@ from privlora.backends.base import (BackendBuild, GroupSpec, KeylessClient, Mess
                                     PayloadError, Request, Weights, check_message, delta_of, pack, refuse_keys,
                                     rows_of, unpack)
 from privlora.backends.pll import (PLLError, PLLParams, QuantizedSite, decode, encode_input, finish_masked,
-                                   masked_intermediate, quantize_group, respond)
+                                   masked_intermediate, pll_params, quantize_group, respond)
 
 NAME = "plain"
 # the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
@@ -38,7 +38,7 @@ def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) 
     protocol = options.pop("protocol", "direct")
     if protocol not in PROTOCOLS:
         raise PLLError(f"unknown plain protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
-    params = PLLParams(**options)
+    params = pll_params(options, NAME)
     tensors: dict[str, np.ndarray] = {}
     client_groups: dict[str, Any] = {}
     for group in groups:

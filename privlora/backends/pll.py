@@ -59,6 +59,14 @@ class PLLParams:
         return math.ceil(self.tail * self.sigma)
 
 
+def pll_params(options: dict, backend: str) -> PLLParams:
+    """PLLParams from a backend's compile options, with a clear error for an unknown option."""
+    unknown = set(options) - set(PLLParams.__dataclass_fields__)
+    if unknown:
+        raise PLLError(f"unknown {backend} options {sorted(unknown)} (known: {', '.join(PLLParams.__dataclass_fields__)})")
+    return PLLParams(**options)
+
+
 class RandomSource(Protocol):
     def integers(self, low: int, high: int, size: int) -> np.ndarray: ...
     def random(self, size: int) -> np.ndarray: ...

@@ -62,6 +62,17 @@ def context(params: CKKSParameters) -> seal.SEALContext:
     return ctx
 
 
+def client_keys(ctx: seal.SEALContext, secret_key: bytes | None) -> tuple[Any, Any, Any]:
+    """A client's key generator (fresh keys, or the cached secret key reloaded), and the
+    symmetric encryptor and the decryptor of that secret key."""
+    if secret_key is None:
+        keygen = seal.KeyGenerator(ctx)
+    else:
+        keygen = seal.KeyGenerator(ctx, from_bytes(seal.SecretKey, ctx, secret_key, "secret key"))
+    secret = keygen.secret_key()
+    return keygen, seal.Encryptor(ctx, secret), seal.Decryptor(ctx, secret)
+
+
 def galois_elements(steps: Iterable[int], poly_modulus_degree: int) -> list[int]:
     """SEAL's Galois element of a left rotation by ``s`` slots is 3^s mod 2N (the bindings'
     ``create_galois_keys`` takes elements, not steps)."""

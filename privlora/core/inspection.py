@@ -96,7 +96,10 @@ def ir_listing(root: Path, name: str | None) -> str:
         body = [f"{r['index']:>2} {r['pass']:<18} {r['nodes']:>6} {r['public_nodes']:>7} {r['private_nodes']:>8} "
                 f"{r['pll_nodes']:>4} {r['sites']:>6} {_or_dash(r['rounds']):>7} "
                 f"{_or_dash(None if r['seconds'] is None else round(1000 * r['seconds'], 1)):>8}" for r in rows]
-        return "\n".join([header, *body, f"(dumps in {directory}; show one with --ir PASS)"])
+        info = summary(root)
+        steps = (f"per step: {info['rounds_per_step']} rounds, {info['messages_per_step']} messages "
+                 f"({info['backend']['name']}, {info['backend']['messages']} per group)")
+        return "\n".join([header, *body, steps, f"(dumps in {directory}; show one with --ir PASS)"])
     matches = sorted(p for p in directory.glob("*.txt") if p.stem == name or p.stem.split("-", 1)[1] == name)
     if not matches:
         available = ", ".join(sorted(p.stem for p in directory.glob("*.txt")))

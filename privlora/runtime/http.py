@@ -7,7 +7,9 @@ Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"
 - ``DELETE /v1/sessions/{id}``;
 - ``POST /v1/sessions/{id}/rounds/{round}/{group}/{message}``: body = message ``message`` of the
   group's evaluation (0: the encrypted group input; later ones for backends of several messages)
-  -> the encrypted reply.
+  -> the encrypted reply;
+- ``WS /v1/sessions/{id}/stream``: the same messages on one persistent WebSocket, a binary frame
+  each way (round, group and message in a small header; the reply frame starts with the status).
 
 Status codes: 400 malformed ciphertext or keys, 403 query budget used up, 404 unknown or
 expired session, round or message, 409 a message out of order or replayed, 413 body too large,
@@ -24,14 +26,14 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from privlora.backends.base import MessageOrderError, PayloadError
 from privlora.runtime.server import (BudgetError, PrivateServer, RateLimitError, RoundError, SessionError,
                                      SessionLimits)
-from privlora.runtime.transport import API
+from privlora.runtime.transport import API, read_stream_request, stream_reply
 
 log = logging.getLogger("privlora.server")
 
@@ -112,7 +114,34 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
         reply = await run_in_threadpool(server.evaluate, session, round_name, index, message, payload)
         return Response(reply, media_type="application/octet-stream")
 
+    @app.websocket(f"{API}/sessions/{{session}}/stream")
+    async def stream(socket: WebSocket, session: str) -> None:
+        """The same messages as the round route, one binary frame each way on one connection. A
+        frame larger than the round limit closes the connection (1009, "message too big")."""
+        await socket.accept()
+        try:
+            while True:
+                frame = await socket.receive_bytes()
+                await socket.send_bytes(await answer_frame(server, session, frame))
+        except WebSocketDisconnect:
+            return
+
     return app
+
+
+async def answer_frame(server: PrivateServer, session: str, frame: bytes) -> bytes:
+    """A stream frame's reply: the evaluation, or the refusal the HTTP route would give."""
+    try:
+        round_name, index, message, payload = read_stream_request(frame)
+        reply = await run_in_threadpool(server.evaluate, session, round_name, index, message, payload)
+        return stream_reply(200, reply)
+    except ValueError as exc:
+        return stream_reply(400, json.dumps({"error": f"malformed stream frame: {exc}"}).encode())
+    except tuple(REFUSALS) as exc:
+        return stream_reply(REFUSALS[type(exc)], json.dumps({"error": str(exc)}).encode())
+    except Exception as exc:  # never echo payloads
+        log.error("internal error", extra={"event": "error", "kind": type(exc).__name__})
+        return stream_reply(500, json.dumps({"error": f"internal server error ({type(exc).__name__})"}).encode())
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -144,4 +173,4 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: s
     server = PrivateServer(artifact, limits)
     # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False,
-                timeout_keep_alive=KEEP_ALIVE_SECONDS)
+                timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=BodyLimits().round, ws_ping_interval=None)

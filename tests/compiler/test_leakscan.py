@@ -161,7 +161,7 @@ def test_each_detector_finds_its_planted_leak(build, tmp_path, plant, detectors)
     planted = plant(client, build)
     leaks = find_leaks(files_under(client), build.secrets, build.base)
     assert leaks and {leak.split(":")[0] for leak in leaks} == detectors, leaks
-    assert all(f"{planted}" in leak for leak in leaks), leaks
+    assert all(str(planted) in leak for leak in leaks), leaks
 
 
 @pytest.mark.parametrize("backend", available())

@@ -9,6 +9,7 @@ import pytest
 from live import LiveServer
 from privlora.paths import DEMO_ADAPTER
 from privlora.compiler.driver import compile_artifact
+from privlora.core.inspection import summary
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
 from privlora.models.tokenizer import encode_chat
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.smollm2
 @pytest.mark.parametrize("backend", ["bfv", "ckks"])
 def test_secure_greedy_answer_equals_the_plaintext_fine_tuned_model(tmp_path, smollm2_dir, backend):
     report = compile_artifact("smollm2", DEMO_ADAPTER, tmp_path / "artifact", backend=backend)
+    info = summary(report.artifact)
+    assert (info["rounds_per_step"], info["messages_per_step"]) == (30, {"bfv": 60, "ckks": 30}[backend])
     tuned = load_model("smollm2", DEMO_ADAPTER)
     question = load_qa(split="heldout")[0].question
     prompt = encode_chat(tuned.tokenizer, question)

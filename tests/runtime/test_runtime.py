@@ -7,6 +7,7 @@ without hurting the server."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +24,7 @@ from privlora.core.types import GroupSpec
 from privlora.runtime.client import SecureClient, key_path, render_timings
 from privlora.runtime.generation import GenerationConfig, generate
 from privlora.runtime.http import BodyLimits
-from privlora.runtime.transport import HttpTransport, TransportError
+from privlora.runtime.transport import HttpTransport, StreamTransport, TransportError
 
 PROMPTS = ([3, 14, 15, 92, 65], [27, 18, 28])
 CONFIG = GenerationConfig(max_new_tokens=6)
@@ -383,3 +384,38 @@ def test_keys_are_cached_privately_per_artifact(artifacts, monkeypatch, tmp_path
     request, state = first.crypto.encrypt(group, x[:, :group.d_in])
     reply = first.transport.evaluate(first.session, group.round, group.index, 0, request)
     assert np.allclose(second.crypto.decrypt(group, reply, state), first.crypto.decrypt(group, reply, state), atol=1e-3)
+
+
+def test_the_stream_transport_carries_the_same_messages_and_refusals(artifacts, live, expected):
+    """One WebSocket per session: the same tokens as HTTP, and the HTTP route's refusals as frames
+    (unknown session 404, malformed frame 400, replayed message 1 409); a frame over the round
+    limit closes the stream (413)."""
+    url = live["bfv"].url
+    client = SecureClient(artifacts[2]["bfv"], StreamTransport(url), cache_keys=False)
+    try:
+        assert list(generate(client, PROMPTS[0], CONFIG)) == expected[0]
+        assert client.steps[1].messages == 2 * sum(len(g) for g in client.groups.values())
+        group = next(iter(client.groups.values()))[0]
+        first, state = client.crypto.encrypt(group, np.ones((2, group.d_in), np.float32))
+        second, _ = client.crypto.advance(group, 0, client.transport.evaluate(client.session, group.round, group.index,
+                                                                               0, first), state)
+        client.transport.evaluate(client.session, group.round, group.index, 1, second)
+        refusals = {"replayed": (client.session, 1, second, 409), "unknown session": ("nope", 0, first, 404),
+                    "malformed": (client.session, 0, b"garbage", 400)}
+        for what, (session, message, body, status) in refusals.items():
+            with pytest.raises(TransportError) as refused:
+                client.transport.evaluate(session, group.round, group.index, message, body)
+            assert refused.value.status == status, what
+        socket = client.transport._socket(client.session)
+        socket.send(b"\x00" * 6)  # shorter than a frame header: refused, the stream stays open
+        assert struct.unpack_from("<H", socket.recv(timeout=60))[0] == 400
+    finally:
+        client.close()
+    small = LiveServer(artifacts[2]["bfv"], BodyLimits(keys=10**6, round=1000))
+    try:
+        client = SecureClient(artifacts[2]["bfv"], StreamTransport(small.url), cache_keys=False)
+        with pytest.raises(TransportError) as too_large:
+            list(generate(client, PROMPTS[0], CONFIG))
+        assert too_large.value.status == 413
+    finally:
+        small.stop()

@@ -93,22 +93,34 @@ class _Scratch:
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self._dir = tempfile.TemporaryDirectory(prefix="privlora-seal-", dir=root)
         self._count = itertools.count()  # next() on a count is atomic under the GIL
+        self._local = threading.local()
 
     def path(self) -> str:
         return f"{self._dir.name}/{os.getpid()}-{threading.get_ident()}-{next(self._count)}.bin"
+
+    def loader(self) -> tuple[int, str]:
+        """This thread's file for loads, kept open and never truncated: rewriting it in place costs
+        a third of creating, filling and unlinking a file (freeing tmpfs pages is the slow part).
+        Stale bytes past a payload are harmless: SEAL reads the size its header declares, and
+        :func:`from_bytes` checks that size against the payload first."""
+        if getattr(self._local, "pid", None) != os.getpid():  # a forked child gets a file of its own
+            path = self.path()
+            self._local.file = (os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path)
+            self._local.pid = os.getpid()
+        return self._local.file
 
 
 _SCRATCH: _Scratch | None = None
 _SCRATCH_LOCK = threading.Lock()
 
 
-def _scratch_path() -> str:
+def _scratch() -> _Scratch:
     global _SCRATCH
     if _SCRATCH is None:
         with _SCRATCH_LOCK:
             if _SCRATCH is None:
                 _SCRATCH = _Scratch()
-    return _SCRATCH.path()
+    return _SCRATCH
 
 
 def _unlink(path: str) -> None:
@@ -120,7 +132,7 @@ def _unlink(path: str) -> None:
 
 def to_bytes(obj: Any) -> bytes:
     """Serialise a SEAL object (or a seeded ``Serializable``) with SEAL's own format (zstd-compressed)."""
-    path = _scratch_path()
+    path = _scratch().path()
     try:
         obj.save(path)
         with open(path, "rb") as handle:
@@ -133,16 +145,13 @@ def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes
     """Load a SEAL object, turning SEAL's validation errors into :class:`PayloadError`."""
     if len(payload) < _HEADER.size or _HEADER.unpack_from(payload)[-1] != len(payload):
         raise PayloadError(f"malformed {what}: its SEAL header does not match its length")  # SEAL ignores extra bytes
-    path = _scratch_path()
+    descriptor, path = _scratch().loader()
     obj = factory()
     try:
-        with open(path, "wb") as handle:
-            handle.write(payload)
+        os.pwrite(descriptor, payload, 0)
         obj.load(ctx, path)
     except (RuntimeError, ValueError, OSError) as exc:
         raise PayloadError(f"malformed {what}: {exc}") from None
-    finally:
-        _unlink(path)
     return obj
 
 

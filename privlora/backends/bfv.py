@@ -210,14 +210,17 @@ def _widest_fit(groups: list[GroupSpec], weights: Weights, options: dict[str, An
                 fixed: bool) -> tuple[PLLParams, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
     """Quantise every group; unless x_bits was given, narrow the rows one bit at a time (16 down
     to 8) until every group's worst case fits the largest p allowed."""
-    for x_bits in [options["x_bits"]] if fixed else range(options["x_bits"], 7, -1):
+    def attempt(x_bits: int) -> tuple[PLLParams, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
         params = pll_params({**options, "x_bits": x_bits}, NAME)
+        return params, {group.key: _stack(group, weights, params) for group in groups}
+
+    widths = [options["x_bits"]] if fixed else list(range(options["x_bits"], 7, -1))
+    for x_bits in widths[:-1]:
         try:
-            return params, {group.key: _stack(group, weights, params) for group in groups}
+            return attempt(x_bits)
         except PLLError:
-            if fixed or x_bits == 8:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return attempt(widths[-1])  # the narrowest: if even it does not fit, its error is the answer
 
 
 def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:

@@ -61,7 +61,6 @@ DEFAULTS = {"x_bits": 16, "w_bits": 10, "max_modulus_bits": 46}
 MAX_ROWS = 1 << 16  # rows one request may declare
 # Encryptions of zero a session keeps ready: a SmolLM2 decode step (30 groups) uses 120 at most.
 ZERO_POOL = 128
-ZERO_GRACE = 0.005  # seconds of quiet before the pool is topped up
 _ROWS = struct.Struct("<I")
 
 
@@ -385,14 +384,12 @@ class Session:
 class IdleFiller:
     """One daemon thread per server that tops up the sessions' zero pools while no request is
     being evaluated. The SEAL bindings hold the GIL, so work in a thread only pays when the
-    server would otherwise wait; it yields the GIL after every zero so a request starts at once,
-    and it starts only after the server has been idle for ``grace`` seconds, so that it does not
-    compete with a client in the same process between the messages of one step."""
+    server would otherwise wait; it yields the GIL after every zero (about 1 ms), so a request
+    that arrives waits at most that long. Measured over the stream transport, this took a
+    SmolLM2 decode step from 0.566 s (filling only after 5 ms of quiet) to 0.511 s."""
 
-    def __init__(self, grace: float = 0.005) -> None:
+    def __init__(self) -> None:
         self.sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-        self.grace = grace
-        self.last_request = 0.0
         self.busy = 0  # requests being evaluated
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -413,30 +410,23 @@ class IdleFiller:
     def __exit__(self, *exc: object) -> None:
         with self.lock:
             self.busy -= 1
-            self.last_request = time.monotonic()
         self.wake.set()
 
-    def _next(self) -> tuple[Session | None, float]:
-        """The session to top up, or how long to wait before asking again (0: until woken)."""
+    def _next(self) -> Session | None:
         with self.lock:
             if self.busy:
-                return None, 0.0
-            quiet = time.monotonic() - self.last_request
-            if quiet < self.grace:
-                return None, self.grace - quiet
-            return next((session for session in list(self.sessions) if session.zeros.short), None), 0.0
+                return None
+            return next((session for session in list(self.sessions) if session.zeros.short), None)
 
     def _run(self) -> None:
         while True:
-            session, delay = self._next()
-            if session is not None:
-                session.zeros.refill()
-                time.sleep(0)  # hand the GIL to a request that is waiting for it
-            elif delay:
-                time.sleep(delay)
-            else:
+            session = self._next()
+            if session is None:
                 self.wake.clear()
                 self.wake.wait(timeout=1.0)
+                continue
+            session.zeros.refill()
+            time.sleep(0)  # hand the GIL to a request that is waiting for it
 
 
 class Server:
@@ -453,7 +443,7 @@ class Server:
                          for g in groups}
         self.rng = SystemRandom()
         self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
-        self.filler = IdleFiller(float(params.get("zero_grace", ZERO_GRACE)))
+        self.filler = IdleFiller()
         self._encoded: dict[tuple[str, int, int, int], list[list[seal.Plaintext]]] = {}
         self._encoded_lock = threading.Lock()
 

@@ -23,6 +23,7 @@ from chatglm2_reference import thudm_logits, write_chatglm2_adapter, write_tiny_
 from conftest import step_inputs, write_tiny_adapter, write_tiny_llama, write_tiny_qwen2
 from privlora.compiler.driver import CompileReport, compile_artifact
 from privlora.compiler.frontend import trace
+from privlora.core.inspection import render, summary
 from privlora.core.types import ModelShape
 from privlora.models.checkpoint import build_model, read_config
 from privlora.models.loading import load_model
@@ -162,3 +163,14 @@ def test_secure_generation_equals_plaintext(case: Case, compiled: CompileReport)
     plaintext = list(generate(TorchStep(loaded.model), PROMPT, GENERATION))
     assert plaintext != list(generate(TorchStep(build_model(case.base)), PROMPT, GENERATION))
     assert list(generate(open_local(compiled.artifact), PROMPT, GENERATION)) == plaintext
+
+
+def test_inspect_reads_the_shape_from_the_manifest(case: Case, compiled: CompileReport) -> None:
+    """`privlora inspect` knows no architecture: it reports describe()'s sizes from the manifest
+    (ChatGLM2's config has neither num_hidden_layers nor num_key_value_heads)."""
+    info = summary(compiled.artifact)
+    expected = case.record.describe(read_config(case.base))
+    assert {k: info["base"][k] for k in ("architecture", "layers", "hidden_size", "kv_heads", "vocab_size")} == \
+        {"architecture": expected.architecture, "layers": expected.layers, "hidden_size": expected.hidden_size,
+         "kv_heads": expected.kv_heads, "vocab_size": expected.vocab_size}
+    assert f"{expected.layers} layers" in render(info)

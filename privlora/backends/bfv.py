@@ -61,6 +61,9 @@ DEFAULTS = {"x_bits": 16, "w_bits": 10, "max_modulus_bits": 46}
 MAX_ROWS = 1 << 16  # rows one request may declare
 # Encryptions of zero a session keeps ready: a SmolLM2 decode step (30 groups) uses 120 at most.
 ZERO_POOL = 128
+# Block shapes whose encoded weights are kept per group and message (a decode step and a couple
+# of prompt lengths use 1-3); others are encoded again when asked for.
+ENCODED_LAYOUTS = 4
 _ROWS = struct.Struct("<I")
 
 
@@ -444,7 +447,11 @@ class Server:
         self.rng = SystemRandom()
         self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
         self.filler = IdleFiller()
-        self._encoded: dict[tuple[str, int, int, int], list[list[seal.Plaintext]]] = {}
+        # Encoded weights per (group, message, block shape), least recently used first out: a
+        # client choosing unusual row counts cannot make the server keep every layout's copy.
+        self._encoded: collections.OrderedDict[tuple[str, int, int, int], list[list[seal.Plaintext | None]]] = \
+            collections.OrderedDict()
+        self._encoded_limit = ENCODED_LAYOUTS * 2 * len(self.matrices)
         self._encoded_lock = threading.Lock()
 
     def open_session(self, evaluation_keys: bytes) -> Session:
@@ -487,6 +494,8 @@ class Server:
         key = (group.key, message, layout.db, layout.ob)
         with self._encoded_lock:
             encoded = self._encoded.get(key)
+            if encoded is not None:
+                self._encoded.move_to_end(key)
         if encoded is None:
             matrix = self.matrices[group.key][message]
             polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
@@ -494,6 +503,8 @@ class Server:
                        for row in polys]
             with self._encoded_lock:
                 self._encoded[key] = encoded
+                while len(self._encoded) > self._encoded_limit:
+                    self._encoded.popitem(last=False)
         return encoded
 
     def _ntt(self, plain: seal.Plaintext) -> seal.Plaintext:

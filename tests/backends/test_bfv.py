@@ -22,7 +22,7 @@ from test_pll import UNIFORM, uniformity_score
 
 from privlora.backends import bfv
 from privlora.backends import seal as sealx
-from privlora.backends.base import MessageOrderError, PayloadError, Weights, unframe
+from privlora.backends.base import MessageOrderError, PayloadError, Weights, exchange, local_send, unframe
 from privlora.backends.pll import PLLError, centred, encode_input
 from privlora.core.types import GroupSpec, PLLSite
 
@@ -492,3 +492,25 @@ def test_the_switch_drowns_the_noise_of_the_product(privacy: str, smudged: bool)
     margin = dense.weighted / dense.reply
     message = f"weight-dependent / reply noise 2^{np.log2(margin):.1f}"
     assert (margin < SMUDGED) if smudged else (margin > SMUDGED), message
+
+
+def test_encoded_weights_are_bounded_whatever_row_counts_a_client_sends():
+    """Each row count may need another block shape, whose weights the server encodes: the cache
+    keeps the most recently used few per group and message, so unusual row counts cannot grow
+    the server's memory without bound; every answer stays right."""
+    g, weights = sparse_or_dense(True)
+    (site,) = g.sites
+    a, b = weights[site.site_id]
+    d = deploy([g], weights, {"sigma": 0.0})
+    shapes = set()
+    for rows in range(1, 100, 3):
+        for message, (d_in, d_out) in enumerate(((site.d_in, g.rank), (g.rank, site.d_out))):
+            layout = bfv.choose_layout(rows, d_in, d_out, 4096)
+            shapes.add((message, layout.db, layout.ob))
+        x = rng.normal(size=(rows, site.d_in))
+        exact = (x @ a.T) @ b.T * site.scaling
+        delta = exchange(d.client, g, x, local_send(d.server, g, d.session))
+        assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
+    limit = bfv.ENCODED_LAYOUTS * 2  # per group: both messages
+    assert len(shapes) > limit  # the control: unbounded, the cache would hold every one of these
+    assert len(d.server._encoded) == limit

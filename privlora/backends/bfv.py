@@ -199,6 +199,12 @@ def choose_layout(rows: int, d_in: int, d_out: int, degree: int) -> Layout:
     return best
 
 
+def message_layout(group: GroupSpec, message: int, rows: int, degree: int) -> Layout:
+    """The block layout of a group's message: x [rows, d_in] -> rank, then h' [rows, rank] -> d_out."""
+    d_in, d_out = (group.d_in, group.rank) if message == 0 else (group.rank, group.d_out)
+    return choose_layout(rows, d_in, d_out, degree)
+
+
 def _stack(group: GroupSpec, weights: Weights, params: PLLParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The group's sites as one A_hat [rank, d_in], block-diagonal B_hat [d_out, rank], output
     scales and modulus."""
@@ -244,10 +250,6 @@ def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) 
 CLIENT_PARAMS = frozenset({"backend", "pll", "privacy", "plain_modulus", "groups"})
 
 
-def _rows_header(rows: int) -> bytes:
-    return _ROWS.pack(rows)
-
-
 @dataclass
 class ClientState:
     scale: np.ndarray  # each row's quantisation scale c (0 for a zero row)
@@ -279,14 +281,14 @@ class Client:
         self.keygen.create_public_key(public)
         return frame([sealx.to_bytes(public)])
 
-    def _layout(self, rows: int, d_in: int, d_out: int) -> Layout:
-        return choose_layout(rows, d_in, d_out, self.bfv.poly_modulus_degree)
+    def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
+        return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 
     def _send(self, layout: Layout, values: np.ndarray) -> bytes:
         """Encrypt ``values`` [rows, d_in] (mod p) in the layout's input polynomials (seeded: half size)."""
         polys = layout.encode(values).reshape(-1, layout.degree)
         blobs = [sealx.to_bytes(self.encryptor.encrypt_symmetric(sealx.plaintext(self.ctx, poly))) for poly in polys]
-        return frame([_rows_header(layout.rows), *blobs])
+        return frame([_ROWS.pack(layout.rows), *blobs])
 
     def _receive(self, layout: Layout, reply: bytes) -> np.ndarray:
         """The ``[rows, d_out]`` outputs (mod p) of a reply."""
@@ -303,16 +305,16 @@ class Client:
         rows, leading = rows_of(x, group.d_in)
         x_hat, scale = encode_input(rows, self.pll.x_bits)
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
-        layout = self._layout(len(rows), group.d_in, group.rank)
+        layout = self._layout(group, 0, len(rows))
         return self._send(layout, np.mod(x_hat, self.modulus).astype(np.uint64)), ClientState(scale, leading)
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: ClientState) -> tuple[bytes, ClientState]:
         check_message(message + 1, self.messages)
-        masked = self._receive(self._layout(state.rows, group.d_in, group.rank), reply)  # h' = A x + t: uniform
-        return self._send(self._layout(state.rows, group.rank, group.d_out), masked), state
+        masked = self._receive(self._layout(group, 0, state.rows), reply)  # h' = A x + t: uniform
+        return self._send(self._layout(group, 1, state.rows), masked), state
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: ClientState) -> np.ndarray:
-        y = self._receive(self._layout(state.rows, group.rank, group.d_out), reply).astype(np.int64)
+        y = self._receive(self._layout(group, 1, state.rows), reply).astype(np.int64)
         return delta_of(decode(y, self.modulus, state.scale, self.out_scales[group.key]), state.leading, group.d_out)
 
 
@@ -463,8 +465,7 @@ class Server:
         return session
 
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
-        d_in, d_out = (group.d_in, group.rank) if message == 0 else (group.rank, group.d_out)
-        return choose_layout(rows, d_in, d_out, self.bfv.poly_modulus_degree)
+        return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 
     def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
         check_message(message, self.messages)
@@ -525,7 +526,10 @@ class Server:
                         continue
                     part = seal.Ciphertext()
                     self.evaluator.multiply_plain(ct, plain, part)
-                    total = part if total is None else self.evaluator.add_inplace(total, part) or total
+                    if total is None:
+                        total = part
+                    else:
+                        self.evaluator.add_inplace(total, part)
                 if total is None:  # an all-zero block of outputs: an encryption of zero stands for it
                     total = seal.Ciphertext()
                     session.zeros.encryptor.encrypt_zero(self.first, total)

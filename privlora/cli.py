@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,13 +16,15 @@ from pathlib import Path
 
 from privlora import __version__
 from privlora.backends import DEFAULT_BACKEND, REGISTRY, available
-from privlora.errors import PrivloraError
+from privlora.errors import PrivloraError, UsageError
 from privlora.paths import DEMO_ADAPTER
+from privlora.runtime.accounts import AccountLimits
 from privlora.runtime.transport import TRANSPORTS
 
 
 # The install role (pyproject extra) each command needs; the others need the full `compile` set.
-ROLES = {"generate": "client", "inspect": "client", "serve": "server"}
+ROLES = {"generate": "client", "inspect": "client", "serve": "server", "accounts": "server"}
+TOKEN_ENV_VAR = "PRIVLORA_TOKEN"
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -137,14 +140,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from privlora.runtime.http import serve
+    from privlora.runtime.http import TLS, serve
     from privlora.runtime.server import SessionLimits
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = TLS(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
+    for path in (tls.cert, tls.key) if tls else ():
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
     limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
                            max_rows=args.max_rows or None, rate=args.rate or None, burst=args.burst)
-    print(f"privlora server: {args.artifact} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits)
+    scheme = "https" if tls else "http"
+    print(f"privlora server: {args.artifact} on {scheme}://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
+          accounts=args.accounts, tls=tls)
     return 0
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    from privlora.runtime.accounts import AccountLimits, AccountStore
+
+    store = AccountStore(args.db, create=args.action == "create")
+    if args.action == "create":
+        limits = AccountLimits(max_rows=args.max_rows or None, max_sessions=args.max_sessions, rate=args.rate or None,
+                               burst=args.burst)
+        token = store.create(args.name, limits, admin=args.admin)
+        print(token)
+        print(f"created account {args.name!r}; the token above is shown once only (the database keeps its hash)",
+              file=sys.stderr)
+    elif args.action == "revoke":
+        store.revoke(args.name)
+        print(f"revoked account {args.name!r}", file=sys.stderr)
+    else:
+        rows = [("account", "status", "budget/site", "most used site", "sites", "rows in all", "sessions", "rate")]
+        for usage in store.usage():
+            account, limits = usage.account, usage.account.limits
+            status = "revoked" if account.revoked else ("admin" if account.admin else "active")
+            rows.append((account.name, status, str(limits.max_rows or "none"), str(usage.max_site_rows),
+                         str(usage.sites), str(usage.total_rows), str(limits.max_sessions),
+                         f"{limits.rate:g}/s" if limits.rate else "none"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    return 0
+
+
+def _credentials(args: argparse.Namespace):
+    from privlora.runtime.transport import Credentials
+
+    token = args.token or os.environ.get(TOKEN_ENV_VAR) or None
+    if args.ca_cert is not None and not Path(args.ca_cert).is_file():
+        raise UsageError(f"no such file: {args.ca_cert}")
+    return Credentials(token=token, ca_cert=args.ca_cert)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -154,7 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from privlora.runtime.tokenizer import load_client_tokenizer
     from privlora.runtime.transport import InProcessTransport, http_transport
 
-    transport = (http_transport(args.server, args.transport) if args.server
+    transport = (http_transport(args.server, args.transport, _credentials(args)) if args.server
                  else InProcessTransport(PrivateServer(args.artifact, LOCAL)))
     if args.backend_check:
         info = transport.info()
@@ -181,7 +228,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     if not args.quiet:
-        print(f"\n{len(prompt)} prompt tokens, {len(tokens)} generated, backend {client.backend_name}", file=sys.stderr)
+        recovered = f", session re-opened {client.recoveries} times" if client.recoveries else ""
+        print(f"\n{len(prompt)} prompt tokens, {len(tokens)} generated, backend {client.backend_name}{recovered}",
+              file=sys.stderr)
         print(render_timings(client.steps), file=sys.stderr)
     if args.stats_json:
         report = {"backend": client.backend_name, "prompt_tokens": len(prompt), "tokens": tokens,
@@ -254,6 +303,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=None,
+                        help=f"API token for a server with accounts (default: ${TOKEN_ENV_VAR})")
+    parser.add_argument("--ca-cert", default=None, metavar="PEM",
+                        help="verify an https server against this CA certificate (default: the system's CAs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privlora", formatter_class=_formatter,
@@ -309,6 +365,28 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")
     comp.add_argument("--force", action="store_true", help="replace an existing artifact directory")
 
+    accounts = command("accounts", cmd_accounts,
+                       "manage the API accounts of 'serve --accounts': tokens, query budgets, session quotas")
+    account_actions = accounts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = account_actions.add_parser("create", formatter_class=_formatter,
+                                        help="add an account and print its token (once)")
+    create.add_argument("name", help="account name (letters, digits, _.@-)")
+    create.add_argument("--max-rows", type=int, default=AccountLimits.max_rows,
+                        help="query budget: rows of x per LoRA site, across all sessions and restarts (0: none)")
+    create.add_argument("--max-sessions", type=int, default=AccountLimits.max_sessions,
+                        help="sessions held at once (one more evicts the account's own oldest)")
+    create.add_argument("--rate", type=float, default=AccountLimits.rate,
+                        help="requests per second for all the account's sessions (0: no limit)")
+    create.add_argument("--burst", type=int, default=AccountLimits.burst, help="requests at once before the rate applies")
+    create.add_argument("--admin", action="store_true", help="may also read /metrics (every account's use)")
+    revoke = account_actions.add_parser("revoke", formatter_class=_formatter,
+                                        help="revoke an account's token at once (its use is kept)")
+    revoke.add_argument("name", help="account name")
+    account_actions.add_parser("list", formatter_class=_formatter, help="accounts, their limits and their use")
+    for action in (create, revoke, account_actions.choices["list"]):
+        action.set_defaults(handler=cmd_accounts)
+        action.add_argument("--db", required=True, metavar="PATH", help="the accounts database (SQLite)")
+
     insp = command("inspect", cmd_inspect, "show what an artifact contains: model, sites, rounds, segments, sizes")
     insp.add_argument("artifact", help="artifact directory")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -320,12 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-rows", type=int, default=1_000_000,
-                       help="query budget: rows of x one session may send in all (0: no budget)")
-    serve.add_argument("--rate", type=float, default=500.0, help="requests per second per session (0: no limit)")
-    serve.add_argument("--burst", type=int, default=1000, help="requests a session may send at once")
+                       help="without --accounts: rows of x one session may send in all (0: no budget)")
+    serve.add_argument("--rate", type=float, default=500.0,
+                       help="without --accounts: requests per second per session (0: no limit)")
+    serve.add_argument("--burst", type=int, default=1000,
+                       help="without --accounts: requests a session may send at once")
     serve.add_argument("--max-sessions", type=int, default=64,
                        help="sessions kept in memory (least recently used evicted first)")
     serve.add_argument("--session-ttl", type=float, default=3600.0, help="seconds before an idle session expires")
+    serve.add_argument("--accounts", default=None, metavar="DB",
+                       help="require API tokens from this accounts database (privlora accounts); budgets, session "
+                            "quotas and rate limits are then each account's own, persisted across restarts")
+    serve.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    serve.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="JSON log level on stderr (debug logs every round: sizes and timings, never payloads)")
 
@@ -337,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="privlora server (e.g. http://127.0.0.1:8000); default: an in-process server on the artifact")
     gen.add_argument("--transport", default="stream", choices=TRANSPORTS,
                      help="with --server: stream (one WebSocket per session) or http (one request per message)")
+    _add_credentials(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding, else sample")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
@@ -359,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--port", type=int, default=8123, help="port of the in-process server")
     load.add_argument("--clients", type=int, default=4, help="concurrent clients")
     load.add_argument("--tokens", type=int, default=8, help="tokens each client generates")
+    _add_credentials(load)
 
     attack = command("attack", cmd_attack, "measure what a malicious client can extract from a LoRA site")
     attack_kinds = attack.add_subparsers(dest="attack", metavar="ATTACK", required=True)

@@ -11,3 +11,7 @@ class UnsupportedModelError(PrivloraError):
 
 class AdapterError(PrivloraError):
     """The adapter directory is malformed or uses a feature privlora does not support."""
+
+
+class UsageError(PrivloraError):
+    """A command-line argument is wrong (a missing file, options that go together, ...)."""

@@ -6,10 +6,16 @@ so the generation loop in ``generation.py`` runs on it unchanged: the whole prom
 round sends all its rows at once) and then one token per step with the KV cache. It loads the
 client bundle only; the secret key never leaves it (cached on disk per artifact, mode 0600). Each
 step's timing and bytes are recorded in :attr:`SecureClient.steps`.
+
+A step survives a lost session: when the server forgot the session (expired, evicted, restarted)
+or cannot be reached, the client waits for it, opens a new session with the same keys and redoes
+the step from its inputs. A step is a pure function of its inputs and the KV cache the client
+holds, so the answer is the one an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -29,7 +35,18 @@ from privlora.files import read_json
 from privlora.paths import cache_root
 from privlora.runtime.onnx_runtime import Segment
 from privlora.runtime.server import LOCAL, PrivateServer
-from privlora.runtime.transport import InProcessTransport, Transport
+from privlora.runtime.transport import InProcessTransport, Transport, TransportError
+
+log = logging.getLogger("privlora.client")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How long a client keeps trying to get a session back before it gives up on a step."""
+
+    deadline_s: float = 120.0  # a restarting server loads its artifact in seconds
+    first_wait_s: float = 0.1
+    max_wait_s: float = 2.0
 
 
 @dataclass
@@ -61,15 +78,14 @@ def _load_or_create_client(module, params: dict[str, Any], path: Path | None):
 
 
 class SecureClient:
-    def __init__(self, artifact: str | Path, transport: Transport, cache_keys: bool = True) -> None:
+    def __init__(self, artifact: str | Path, transport: Transport, cache_keys: bool = True,
+                 recovery: Recovery = Recovery()) -> None:
         bundle = load_bundle(artifact, CLIENT)
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
         self.backend_name = manifest["backend"]["name"]
-        server = transport.info()
-        if server.get("artifact") != self.artifact_id:
-            raise ArtifactError("the server runs another artifact (or another build of it) than this client bundle: "
-                                f"server {str(server.get('artifact'))[:16]}, client {self.artifact_id[:16]}")
+        self.transport = transport
+        self._check_server()
         self.plan = Plan.from_json(manifest["plan"])
         self.segments = {spec["name"]: Segment(bundle.path(spec["file"]), tuple(i["name"] for i in spec["inputs"]))
                          for spec in manifest["segments"]}
@@ -79,12 +95,41 @@ class SecureClient:
         params = read_json(bundle.path(CRYPTO), ArtifactError, "missing client parameters")
         keys = key_path(self.artifact_id, self.backend_name) if cache_keys else None
         self.crypto = _load_or_create_client(backends.load(self.backend_name), params, keys)
-        self.transport = transport
-        self.session = transport.open_session(self.crypto.evaluation_keys())
+        self.evaluation_keys = self.crypto.evaluation_keys()
+        self.session = transport.open_session(self.evaluation_keys)
+        self.recovery = recovery
+        self.recoveries = 0  # sessions re-opened after a loss
         self.model = ModelShape(**manifest["model"])
         tokenizer = bundle.root / TOKENIZER_DIR
         self.tokenizer_dir = tokenizer if tokenizer.is_dir() else None
         self.steps: list[StepStats] = []
+
+    def _check_server(self) -> None:
+        server = self.transport.info()
+        if server.get("artifact") != self.artifact_id:
+            raise ArtifactError("the server runs another artifact (or another build of it) than this client bundle: "
+                                f"server {str(server.get('artifact'))[:16]}, client {self.artifact_id[:16]}")
+
+    def _recover(self, lost: TransportError) -> None:
+        """A new session with the same keys, once the server answers again (same artifact)."""
+        log.warning("session lost, re-opening it: %s", lost)
+        self.transport.forget(self.session)
+        deadline = time.monotonic() + self.recovery.deadline_s
+        wait = self.recovery.first_wait_s
+        while True:
+            try:
+                self._check_server()
+                self.session = self.transport.open_session(self.evaluation_keys)
+                self.recoveries += 1
+                return
+            except TransportError as exc:
+                if not exc.recoverable:
+                    raise
+                if time.monotonic() + wait > deadline:
+                    raise TransportError(f"lost the session and could not open another within "
+                                         f"{self.recovery.deadline_s:g} s: {exc}", exc.status, exc.code) from None
+            time.sleep(wait)
+            wait = min(2 * wait, self.recovery.max_wait_s)
 
     def _run_step(self, step: PlanStep, args: Sequence[Any], stats: StepStats) -> Sequence[Any]:
         if step.kind == PUBLIC:
@@ -100,9 +145,16 @@ class SecureClient:
 
     def __call__(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  past_keys: np.ndarray, past_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        stats = StepStats(rows=int(np.size(input_ids)))
-        logits, keys, values = run_plan(self.plan, lambda step, args: self._run_step(step, args, stats),
-                                        [input_ids, position_ids, attention_mask, past_keys, past_values])
+        while True:
+            stats = StepStats(rows=int(np.size(input_ids)))
+            try:
+                logits, keys, values = run_plan(self.plan, lambda step, args: self._run_step(step, args, stats),
+                                                [input_ids, position_ids, attention_mask, past_keys, past_values])
+                break
+            except TransportError as exc:
+                if not exc.recoverable:
+                    raise
+                self._recover(exc)
         self.steps.append(stats)
         return logits, keys, values
 
@@ -111,7 +163,12 @@ class SecureClient:
         return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
 
     def close(self) -> None:
-        self.transport.close_session(self.session)
+        """End the session; one the server already lost needs no ending."""
+        try:
+            self.transport.close_session(self.session)
+        except TransportError as exc:
+            if not exc.recoverable:
+                raise
 
 
 def open_local(artifact: str | Path, cache_keys: bool = False) -> SecureClient:

@@ -3,9 +3,19 @@
 :class:`PrivateServer` is transport-free: the HTTP app (``runtime/http.py``) wraps it, and the
 in-process transport calls it directly, so both paths run the same code. It loads the server
 bundle only. Each client session holds that client's evaluation keys, with an idle expiry and
-a bound on the number of sessions and on their total key bytes (least recently used first out).
-Each session also has a query budget (rows of x sent) and a request rate limit. Logs carry event names, session ids, round names, sizes and timings: never payloads, keys or
-plaintext.
+a bound on the number of sessions and on their total key bytes.
+
+Two modes:
+
+- with an accounts database (``serve --accounts``), every session belongs to an account; the
+  query budget counts rows per LoRA site across all the account's sessions and restarts (see
+  ``runtime/accounts.py``), the rate limit is per account, and an account holds at most its
+  quota of sessions: opening one more evicts its own oldest, never another account's;
+- without, anyone may open sessions, each with its own budget and rate limit, and the least
+  recently used session is evicted when the server is full.
+
+Logs carry event names, session ids, account names, round names, sizes and timings: never
+payloads, keys or plaintext.
 """
 
 from __future__ import annotations
@@ -16,32 +26,18 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from privlora import backends
 from privlora.core.artifact import SERVER, artifact_id, load_bundle, read_server_program
 from privlora.core.types import GroupSpec, groups_from_rounds
-from privlora.errors import PrivloraError
+from privlora.runtime.accounts import Account, AccountStore
+from privlora.runtime.refusals import (AuthError, BudgetError, CapacityError, ForbiddenError, RateLimitError, RoundError,
+                                       SessionError)
 
 log = logging.getLogger("privlora.server")
-
-
-class SessionError(PrivloraError):
-    """The session id is unknown or has expired."""
-
-
-class RoundError(PrivloraError):
-    """The round or group named by a request does not exist in this artifact."""
-
-
-class RateLimitError(PrivloraError):
-    """The session sends requests faster than its rate limit."""
-
-
-class BudgetError(PrivloraError):
-    """The session has used up its query budget."""
 
 
 @dataclass(frozen=True)
@@ -58,22 +54,46 @@ class SessionLimits:
 
 
 @dataclass
+class TokenBucket:
+    """A rate limit: ``rate`` requests per second sustained, ``burst`` at once."""
+
+    rate: float | None
+    burst: int
+    allowance: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.allowance = float(self.burst)
+
+    def take(self, now: float) -> bool:
+        if self.rate is None:
+            return True
+        self.allowance = min(float(self.burst), self.allowance + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.allowance < 1.0:
+            return False
+        self.allowance -= 1.0
+        return True
+
+
+@dataclass
 class Session:
     keys: Any  # the backend's session object
     key_bytes: int
     created: float
     last_used: float
+    owner: str | None  # the account's name; None without accounts
+    bucket: TokenBucket  # the session's own, or its account's (shared by the account's sessions)
     rounds: int = 0
-    rows: int = 0
-    allowance: float = 0.0  # token bucket for the rate limit
-    refilled: float = 0.0
+    rows: int = 0  # without accounts: rows sent in this session, for the per-session budget
 
 
 LOCAL = SessionLimits(max_rows=None, rate=None)  # the embedded in-process server: the user's own
 
 
 class PrivateServer:
-    def __init__(self, artifact: str | Path, limits: SessionLimits = SessionLimits()) -> None:
+    def __init__(self, artifact: str | Path, limits: SessionLimits = SessionLimits(),
+                 accounts: AccountStore | None = None) -> None:
         bundle = load_bundle(artifact, SERVER)
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
@@ -82,53 +102,100 @@ class PrivateServer:
         self.backend = backends.load(self.backend_name).Server(read_server_program(bundle), list(self.groups.values()),
                                                                manifest["backend"]["parameters"])
         self.limits = limits
+        self.accounts = accounts
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._account_buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
         log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
                                            "backend": self.backend_name, "groups": len(self.groups)})
 
     def info(self) -> dict[str, Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
         return {"artifact": self.artifact_id, "backend": self.backend_name, "messages": self.backend.messages,
-                "sessions": len(self._sessions),
-                "groups": len(self.groups), "session_key_bytes": sum(s.key_bytes for s in self._sessions.values()),
+                "sessions": len(sessions), "accounts": self.accounts is not None,
+                "groups": len(self.groups), "session_key_bytes": sum(s.key_bytes for s in sessions),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
-    def open_session(self, evaluation_keys: bytes) -> str:
+    def account(self, authorization: str | None) -> Account | None:
+        """The account an ``Authorization: Bearer <token>`` header names; None without accounts.
+        AuthError (401) when the header is missing or the token unknown, ForbiddenError (403) when
+        it was revoked."""
+        if self.accounts is None:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing API token: send 'Authorization: Bearer <token>'")
+        return self.accounts.authenticate(token.strip())
+
+    def admin(self, authorization: str | None) -> None:
+        """Admits an admin account (or anyone, without accounts): the routes that show every account."""
+        account = self.account(authorization)
+        if account is not None and not account.admin:
+            raise ForbiddenError(f"account {account.name!r} is not an admin account")
+
+    def open_session(self, evaluation_keys: bytes, account: Account | None = None) -> str:
         keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes
         session_id = secrets.token_urlsafe(18)
         now = time.monotonic()
         with self._lock:
             self._expire(now)
-            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now,
-                                                 allowance=float(self.limits.burst), refilled=now)
-            self._evict()
-        log.info("session opened", extra={"event": "open", "session": session_id[:8], "key_bytes": len(evaluation_keys)})
+            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now, _owner(account),
+                                                 self._bucket(account))
+            self._evict(session_id, account)
+        log.info("session opened", extra={"event": "open", "session": session_id[:8], "account": _owner(account),
+                                          "key_bytes": len(evaluation_keys)})
         return session_id
 
-    def close_session(self, session_id: str) -> None:
+    def close_session(self, session_id: str, account: Account | None = None) -> None:
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != _owner(account):
                 raise SessionError("unknown or expired session")
+            del self._sessions[session_id]
         log.info("session closed", extra={"event": "close", "session": session_id[:8]})
+
+    def _bucket(self, account: Account | None) -> TokenBucket:
+        if account is None:
+            return TokenBucket(self.limits.rate, self.limits.burst)
+        bucket = self._account_buckets.get(account.name)
+        if bucket is None or (bucket.rate, bucket.burst) != (account.limits.rate, account.limits.burst):
+            bucket = self._account_buckets[account.name] = TokenBucket(account.limits.rate, account.limits.burst)
+        return bucket
 
     def _expire(self, now: float) -> None:
         for session_id in [s for s, v in self._sessions.items() if now - v.last_used > self.limits.idle_seconds]:
             del self._sessions[session_id]
             log.info("session expired", extra={"event": "expire", "session": session_id[:8]})
 
-    def _evict(self) -> None:
-        """Least recently used out until both bounds hold (the newest session always stays)."""
-        while len(self._sessions) > 1 and (len(self._sessions) > self.limits.max_sessions or
-                                           sum(s.key_bytes for s in self._sessions.values()) > self.limits.max_key_bytes):
-            session_id, _ = self._sessions.popitem(last=False)
-            log.info("session evicted", extra={"event": "evict", "session": session_id[:8]})
+    def _over_capacity(self) -> bool:
+        return (len(self._sessions) > self.limits.max_sessions or
+                sum(s.key_bytes for s in self._sessions.values()) > self.limits.max_key_bytes)
 
-    def _session(self, session_id: str) -> Session:
+    def _evict(self, new: str, account: Account | None) -> None:
+        """Make room for session ``new``, evicting least recently used sessions of the same owner
+        only: first down to the account's quota, then until the server's bounds hold. Without
+        accounts every session has the same (no) owner, so any may go. When the owner has nothing
+        left to evict, the new session is refused (503) rather than another account's dropped."""
+        owner = _owner(account)
+        own = [s for s, v in self._sessions.items() if v.owner == owner and s != new]
+        quota = account.limits.max_sessions if account is not None else None
+        while own and (self._over_capacity() or (quota is not None and len(own) + 1 > quota)):
+            session_id = own.pop(0)
+            del self._sessions[session_id]
+            log.info("session evicted", extra={"event": "evict", "session": session_id[:8], "account": owner})
+        if self._over_capacity() and len(self._sessions) > 1:
+            del self._sessions[new]
+            log.info("server at capacity", extra={"event": "capacity", "account": owner})
+            raise CapacityError(f"the server holds its maximum of sessions ({self.limits.max_sessions}) or of key "
+                                "bytes; retry later")
+
+    def _session(self, session_id: str, account: Account | None) -> Session:
         now = time.monotonic()
         with self._lock:
             self._expire(now)
             session = self._sessions.get(session_id)
-            if session is None:
+            if session is None or session.owner != _owner(account):  # another account's session: as if unknown
                 raise SessionError("unknown or expired session")
             session.last_used = now
             self._sessions.move_to_end(session_id)
@@ -143,30 +210,36 @@ class PrivateServer:
                              f"takes {self.backend.messages} per group")
         return group
 
-    def _admit(self, session_id: str, session: Session, rows: int) -> None:
+    def _admit(self, session_id: str, session: Session, group: GroupSpec, rows: int, account: Account | None) -> None:
         """Rate limit (token bucket) and query budget; raises before any work is done."""
         with self._lock:
-            now = time.monotonic()
-            session.allowance = min(float(self.limits.burst),
-                                    session.allowance + (now - session.refilled) * (self.limits.rate or 0.0))
-            session.refilled = now
-            if self.limits.rate is not None and session.allowance < 1.0:
-                log.info("rate limited", extra={"event": "rate_limit", "session": session_id[:8]})
-                raise RateLimitError(f"too many requests: at most {self.limits.rate:g} per second per session")
-            if self.limits.max_rows is not None and session.rows + rows > self.limits.max_rows:
-                log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8]})
-                raise BudgetError(f"query budget exhausted: {session.rows} of {self.limits.max_rows} rows used; "
-                                  "open a new session")
-            session.allowance -= 1.0
-            session.rows += rows
+            if not session.bucket.take(time.monotonic()):
+                log.info("rate limited", extra={"event": "rate_limit", "session": session_id[:8], "account": session.owner})
+                rate = session.bucket.rate
+                raise RateLimitError(f"too many requests: at most {rate:g} per second per "
+                                     f"{'account' if account else 'session'}")
+            if account is None:
+                if self.limits.max_rows is not None and session.rows + rows > self.limits.max_rows:
+                    log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8]})
+                    raise BudgetError(f"query budget exhausted: {session.rows} of {self.limits.max_rows} rows used; "
+                                      "open a new session")
+                session.rows += rows
+                return
+        assert self.accounts is not None
+        try:
+            self.accounts.charge(account, self.artifact_id, (site.module for site in group.sites), rows)
+        except BudgetError:
+            log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8], "account": account.name})
+            raise
 
-    def evaluate(self, session_id: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
+    def evaluate(self, session_id: str, round_name: str, index: int, message: int, payload: bytes,
+                 account: Account | None = None) -> bytes:
         """One message of one group: parsed once (the rows it carries count against the budget
         before any work), then evaluated by the backend with the session's keys and state."""
-        session = self._session(session_id)
+        session = self._session(session_id, account)
         group = self.group(round_name, index, message)
         request = self.backend.parse(group, message, payload)
-        self._admit(session_id, session, request.rows)
+        self._admit(session_id, session, group, request.rows, account)
         start = time.perf_counter()
         reply = self.backend.evaluate(group, request, session.keys)
         session.rounds += 1
@@ -174,3 +247,7 @@ class PrivateServer:
                                   "message_index": message, "bytes_in": len(payload), "bytes_out": len(reply),
                                   "ms": round(1000 * (time.perf_counter() - start), 2)})
         return reply
+
+
+def _owner(account: Account | None) -> str | None:
+    return None if account is None else account.name

@@ -1,15 +1,19 @@
 """How a client reaches a :class:`~privlora.runtime.server.PrivateServer`: in process, over HTTP
 (one request per message), or over one persistent WebSocket per session (``stream``: a message
-is one binary frame each way). All carry the same bytes; the routes are defined in
-``runtime/http.py``."""
+is one binary frame each way), with TLS when the URL is ``https``. All carry the same bytes and
+report a refusal the same way (a :class:`TransportError` with the status and code of
+``runtime/refusals.py``); the routes are defined in ``runtime/http.py``."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from privlora.errors import PrivloraError
+from privlora.runtime.refusals import RECOVERABLE_CODES, refusal_of
 
 if TYPE_CHECKING:  # the CLI reads this module's names at start-up: no server import there
     from privlora.runtime.server import PrivateServer
@@ -43,11 +47,18 @@ def stream_reply(status: int, body: bytes) -> bytes:
 
 
 class TransportError(PrivloraError):
-    """The server refused a request or could not be reached."""
+    """The server refused a request (``status`` and ``code`` say why) or could not be reached
+    (both None)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+
+    @property
+    def recoverable(self) -> bool:
+        """A lost session or connection, a restarting or full server: worth a new session."""
+        return self.status is None or self.code in RECOVERABLE_CODES
 
 
 class Transport(Protocol):
@@ -55,6 +66,7 @@ class Transport(Protocol):
     def open_session(self, evaluation_keys: bytes) -> str: ...
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes: ...
     def close_session(self, session: str) -> None: ...
+    def forget(self, session: str) -> None: ...  # drop local state of a session the server lost
 
 
 class InProcessTransport:
@@ -66,25 +78,64 @@ class InProcessTransport:
     def info(self) -> dict[str, Any]:
         return self.server.info()
 
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except Exception as exc:
+            refusal = refusal_of(exc)
+            if refusal is None:
+                raise
+            raise TransportError(f"server refused: {refusal.status} {exc}", refusal.status, refusal.code) from exc
+
     def open_session(self, evaluation_keys: bytes) -> str:
-        return self.server.open_session(evaluation_keys)
+        return self._call(self.server.open_session, evaluation_keys)
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
-        return self.server.evaluate(session, round_name, index, message, payload)
+        return self._call(self.server.evaluate, session, round_name, index, message, payload)
 
     def close_session(self, session: str) -> None:
-        self.server.close_session(session)
+        self._call(self.server.close_session, session)
+
+    def forget(self, session: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client presents to a remote server: an API token (servers with accounts) and the
+    CA certificate to verify an ``https`` server against (default: the system's)."""
+
+    token: str | None = None
+    ca_cert: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_cert)
+
+
+def _refusal(response) -> tuple[str, str | None]:
+    """The error message and code of a refusal's JSON body (or its text)."""
+    try:
+        body = response.json()
+        return str(body.get("error", response.text)), body.get("code")
+    except ValueError:
+        return response.text, None
 
 
 class HttpTransport:
     """Binary bodies (``application/octet-stream``) over one keep-alive connection."""
 
-    def __init__(self, url: str, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, credentials: Credentials = Credentials(), timeout: float = 600.0) -> None:
         import httpx
 
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.client = httpx.Client(base_url=self.url + API, timeout=timeout)
+        self.credentials = credentials
+        verify = credentials.ssl_context() if self.url.startswith("https") else True
+        self.client = httpx.Client(base_url=self.url + API, timeout=timeout, headers=credentials.headers(),
+                                   verify=verify)
 
     def _request(self, method: str, path: str, content: bytes | None = None):
         import httpx
@@ -102,11 +153,9 @@ class HttpTransport:
             except httpx.HTTPError as exc:
                 raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text
-            raise TransportError(f"server refused {method} {path}: {response.status_code} {message}", response.status_code)
+            message, code = _refusal(response)
+            raise TransportError(f"server refused {method} {path}: {response.status_code} {message}",
+                                 response.status_code, code)
         return response
 
     def info(self) -> dict[str, Any]:
@@ -121,6 +170,9 @@ class HttpTransport:
     def close_session(self, session: str) -> None:
         self._request("DELETE", f"/sessions/{session}")
 
+    def forget(self, session: str) -> None:
+        pass
+
 
 class StreamTransport(HttpTransport):
     """HTTP for health and sessions, and one persistent WebSocket per session for the messages:
@@ -128,8 +180,8 @@ class StreamTransport(HttpTransport):
     2 ms more than in process, a fifth of a bfv decode step; over the stream, about 1 ms
     (docs/benchmarks.md)."""
 
-    def __init__(self, url: str, timeout: float = 600.0) -> None:
-        super().__init__(url, timeout)
+    def __init__(self, url: str, credentials: Credentials = Credentials(), timeout: float = 600.0) -> None:
+        super().__init__(url, credentials, timeout)
         self.ws_url = "ws" + self.url.removeprefix("http") + API
         self.sockets: dict[str, Any] = {}
 
@@ -138,8 +190,11 @@ class StreamTransport(HttpTransport):
 
         if session not in self.sockets:
             try:
+                secure = self.ws_url.startswith("wss")
                 self.sockets[session] = connect(f"{self.ws_url}/sessions/{session}/stream", max_size=None,
-                                                open_timeout=self.timeout, compression=None)
+                                                open_timeout=self.timeout, compression=None,
+                                                additional_headers=self.credentials.headers(),
+                                                ssl=self.credentials.ssl_context() if secure else None)
             except Exception as exc:  # the websockets client raises several kinds for a refused handshake
                 raise TransportError(f"cannot open a stream to the privlora server at {self.url}: {exc}") from None
         return self.sockets[session]
@@ -153,27 +208,31 @@ class StreamTransport(HttpTransport):
                 socket.send(stream_request(round_name, index, message, payload))
                 frame = socket.recv(timeout=self.timeout)
                 break
-            except ConnectionClosed as exc:
-                self.sockets.pop(session, None)
-                if exc.rcvd is not None and exc.rcvd.code == 1009:
-                    raise TransportError("server refused the message: 413 request body too large", 413) from None
+            except (ConnectionClosed, OSError) as exc:
+                self.forget(session)
+                if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 1009:
+                    raise TransportError("server refused the message: 413 request body too large", 413,
+                                         "too_large") from None
                 if attempt:  # one retry on a fresh connection: every message may be sent again
                     raise TransportError(f"the stream to {self.url} closed: {exc}") from None
         (status,) = _REPLY_HEAD.unpack_from(frame)
         body = frame[_REPLY_HEAD.size:]
         if status >= 400:
-            message_text = json.loads(body).get("error", "") if body else ""
-            raise TransportError(f"server refused round {round_name}/{index}/{message}: {status} {message_text}",
-                                 status)
+            refusal = json.loads(body) if body else {}
+            raise TransportError(f"server refused round {round_name}/{index}/{message}: {status} "
+                                 f"{refusal.get('error', '')}", status, refusal.get("code"))
         return body
 
-    def close_session(self, session: str) -> None:
+    def forget(self, session: str) -> None:
         socket = self.sockets.pop(session, None)
         if socket is not None:
             socket.close()
+
+    def close_session(self, session: str) -> None:
+        self.forget(session)
         super().close_session(session)
 
 
-def http_transport(url: str, kind: str = "stream") -> HttpTransport:
+def http_transport(url: str, kind: str = "stream", credentials: Credentials = Credentials()) -> HttpTransport:
     """The client side of ``privlora serve`` at ``url``: ``stream`` (default) or ``http``."""
-    return StreamTransport(url) if kind == "stream" else HttpTransport(url)
+    return (StreamTransport if kind == "stream" else HttpTransport)(url, credentials)

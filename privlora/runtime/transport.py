@@ -16,6 +16,7 @@ from privlora.errors import PrivloraError
 from privlora.runtime.refusals import RECOVERABLE_CODES, refusal_of
 
 if TYPE_CHECKING:  # the CLI reads this module's names at start-up: no server import there
+    from privlora.runtime.accounts import Account
     from privlora.runtime.server import PrivateServer
 
 API = "/v1"
@@ -70,10 +71,12 @@ class Transport(Protocol):
 
 
 class InProcessTransport:
-    """Direct calls: the embedded default when ``privlora generate`` gets no ``--server``."""
+    """Direct calls: the embedded default when ``privlora generate`` gets no ``--server``; with
+    an account, as that account (the server's accounts database decides its limits)."""
 
-    def __init__(self, server: PrivateServer) -> None:
+    def __init__(self, server: PrivateServer, account: Account | None = None) -> None:
         self.server = server
+        self.account = account
 
     def info(self) -> dict[str, Any]:
         return self.server.info()
@@ -88,13 +91,13 @@ class InProcessTransport:
             raise TransportError(f"server refused: {refusal.status} {exc}", refusal.status, refusal.code) from exc
 
     def open_session(self, evaluation_keys: bytes) -> str:
-        return self._call(self.server.open_session, evaluation_keys)
+        return self._call(self.server.open_session, evaluation_keys, self.account)
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
-        return self._call(self.server.evaluate, session, round_name, index, message, payload)
+        return self._call(self.server.evaluate, session, round_name, index, message, payload, self.account)
 
     def close_session(self, session: str) -> None:
-        self._call(self.server.close_session, session)
+        self._call(self.server.close_session, session, self.account)
 
     def forget(self, session: str) -> None:
         pass

@@ -228,7 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     if not args.quiet:
-        recovered = f", session re-opened {client.recoveries} times" if client.recoveries else ""
+        recovered = (f", {client.recoveries} steps redone after faults ({client.sessions_opened - 1} new sessions)"
+                     if client.recoveries else "")
         print(f"\n{len(prompt)} prompt tokens, {len(tokens)} generated, backend {client.backend_name}{recovered}",
               file=sys.stderr)
         print(render_timings(client.steps), file=sys.stderr)
@@ -240,25 +241,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    import subprocess
+    from privlora.loadtest import ServerProcess, run_load, wait_for_server
 
-    from privlora.loadtest import run_load, wait_for_server
-
-    server = None
-    url = args.server
-    if url is None:  # a separate server process, so that its memory figure is its own
-        url = f"http://127.0.0.1:{args.port}"
-        server = subprocess.Popen([sys.executable, "-m", "privlora.cli", "serve", args.artifact, "--port", str(args.port),
-                                   "--log-level", "warning"])
+    if args.faults:
+        return _soak(args)
+    credentials = _credentials(args)
+    server = None if args.server else ServerProcess(args.artifact, port=args.port).start()
+    url = args.server or server.url  # a separate server process, so that its memory figure is its own
     try:
-        wait_for_server(url)
-        report = run_load(args.artifact, url, args.clients, args.tokens)
+        wait_for_server(url, credentials=credentials)
+        report = run_load(args.artifact, url, args.clients, args.tokens, credentials=credentials)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
     print(report.summary())
     return 0 if not report.failures else 1
+
+
+def _soak(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from privlora.loadtest import SoakConfig, run_soak, secure_reference
+
+    if args.server:
+        raise UsageError("--faults needs a server it can kill and restart: leave out --server")
+    if (args.base is None) != (args.adapter is None):
+        raise UsageError("--base and --adapter go together (the plaintext model to compare with)")
+    config = SoakConfig(clients=args.clients, tokens=args.tokens, duration_s=args.duration,
+                        fault_every_s=args.fault_every, seed=args.seed)
+    if args.base:
+        from privlora.models.loading import load_model
+        from privlora.models.step import TorchStep
+        from privlora.runtime.generation import generate
+
+        plaintext = TorchStep(load_model(args.base, args.adapter).model)
+        reference, name = (lambda prompt, generation: list(generate(plaintext, prompt, generation))), "plaintext"
+    else:
+        reference, name = secure_reference(args.artifact), "an uninterrupted in-process run"
+    with tempfile.TemporaryDirectory(prefix="privlora-soak-") as work:
+        report = run_soak(args.artifact, config, reference, name, work)
+    print(report.summary())
+    return 0 if not report.lost and not report.differing and report.completed else 1
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -442,10 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("artifact", help="artifact directory")
     load.add_argument("--server", default=None, metavar="URL",
                       help="server to load (default: start one in this process on 127.0.0.1)")
-    load.add_argument("--port", type=int, default=8123, help="port of the in-process server")
+    load.add_argument("--port", type=int, default=None, help="port of the server it starts (default: a free one)")
     load.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    load.add_argument("--tokens", type=int, default=8, help="tokens each client generates")
+    load.add_argument("--tokens", type=int, default=8, help="tokens each client generates (per answer)")
     _add_credentials(load)
+    load.add_argument("--faults", action="store_true",
+                      help="soak: answer random prompts for --duration seconds while the server is killed (-9) and "
+                           "restarted and connections are cut at random; count lost and differing answers")
+    load.add_argument("--duration", type=float, default=120.0, help="with --faults: seconds to keep starting answers")
+    load.add_argument("--fault-every", type=float, default=15.0,
+                      help="with --faults: mean seconds between faults (exponentially distributed)")
+    load.add_argument("--seed", type=int, default=0, help="with --faults: seed of the prompts and the fault times")
+    load.add_argument("--base", default=None,
+                      help="with --faults: the plaintext base model to compare answers with (with --adapter; "
+                           "default: compare with an uninterrupted in-process secure run)")
+    load.add_argument("--adapter", default=None, help="with --faults: the plaintext model's peft adapter")
 
     attack = command("attack", cmd_attack, "measure what a malicious client can extract from a LoRA site")
     attack_kinds = attack.add_subparsers(dest="attack", metavar="ATTACK", required=True)

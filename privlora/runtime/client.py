@@ -7,9 +7,9 @@ round sends all its rows at once) and then one token per step with the KV cache.
 client bundle only; the secret key never leaves it (cached on disk per artifact, mode 0600). Each
 step's timing and bytes are recorded in :attr:`SecureClient.steps`.
 
-A step survives a lost session: when the server forgot the session (expired, evicted, restarted)
-or cannot be reached, the client waits for it, opens a new session with the same keys and redoes
-the step from its inputs. A step is a pure function of its inputs and the KV cache the client
+A step survives faults: when the server cannot be reached, forgot the session (expired, evicted,
+restarted) or refuses a message resent after a lost connection, the client waits for the server,
+opens a new session with the same keys if needed, and redoes the step from its inputs. A step is a pure function of its inputs and the KV cache the client
 holds, so the answer is the one an uninterrupted run gives.
 """
 
@@ -98,7 +98,8 @@ class SecureClient:
         self.evaluation_keys = self.crypto.evaluation_keys()
         self.session = transport.open_session(self.evaluation_keys)
         self.recovery = recovery
-        self.recoveries = 0  # sessions re-opened after a loss
+        self.recoveries = 0  # steps redone after a fault
+        self.sessions_opened = 1
         self.model = ModelShape(**manifest["model"])
         tokenizer = bundle.root / TOKENIZER_DIR
         self.tokenizer_dir = tokenizer if tokenizer.is_dir() else None
@@ -110,24 +111,26 @@ class SecureClient:
             raise ArtifactError("the server runs another artifact (or another build of it) than this client bundle: "
                                 f"server {str(server.get('artifact'))[:16]}, client {self.artifact_id[:16]}")
 
-    def _recover(self, lost: TransportError) -> None:
-        """A new session with the same keys, once the server answers again (same artifact)."""
-        log.warning("session lost, re-opening it: %s", lost)
+    def _recover(self, lost: TransportError, deadline: float) -> None:
+        """Get ready to redo a step: wait until the server answers (with the same artifact), and
+        open a new session with the same keys if it lost ours."""
+        log.warning("step interrupted, redoing it: %s", lost)
         self.transport.forget(self.session)
-        deadline = time.monotonic() + self.recovery.deadline_s
         wait = self.recovery.first_wait_s
         while True:
             try:
                 self._check_server()
-                self.session = self.transport.open_session(self.evaluation_keys)
+                if lost.code == "unknown_session":
+                    self.session = self.transport.open_session(self.evaluation_keys)
+                    self.sessions_opened += 1
                 self.recoveries += 1
                 return
             except TransportError as exc:
                 if not exc.recoverable:
                     raise
                 if time.monotonic() + wait > deadline:
-                    raise TransportError(f"lost the session and could not open another within "
-                                         f"{self.recovery.deadline_s:g} s: {exc}", exc.status, exc.code) from None
+                    raise TransportError(f"could not finish a step within {self.recovery.deadline_s:g} s of a fault: "
+                                         f"{exc}", exc.status, exc.code) from None
             time.sleep(wait)
             wait = min(2 * wait, self.recovery.max_wait_s)
 
@@ -145,6 +148,7 @@ class SecureClient:
 
     def __call__(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  past_keys: np.ndarray, past_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        deadline = None
         while True:
             stats = StepStats(rows=int(np.size(input_ids)))
             try:
@@ -154,7 +158,8 @@ class SecureClient:
             except TransportError as exc:
                 if not exc.recoverable:
                     raise
-                self._recover(exc)
+                deadline = deadline or time.monotonic() + self.recovery.deadline_s
+                self._recover(exc, deadline)
         self.steps.append(stats)
         return logits, keys, values
 

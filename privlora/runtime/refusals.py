@@ -62,8 +62,10 @@ REFUSALS: dict[type[Exception], Refusal] = {
     CapacityError: Refusal(503, "at_capacity"),
 }
 
-# Codes after which a client re-opens its session (same keys) and redoes the current step.
-RECOVERABLE_CODES = frozenset({"unknown_session", "at_capacity"})
+# Codes after which a client redoes the current step: after re-opening its session (same keys)
+# when the server lost it; after waiting when the server is full or restarting; at once for a
+# message refused as a replay (the reply to the first sending was lost with the connection).
+RECOVERABLE_CODES = frozenset({"unknown_session", "at_capacity", "message_order"})
 
 
 def refusal_of(exc: BaseException) -> Refusal | None:

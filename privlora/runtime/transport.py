@@ -58,7 +58,8 @@ class TransportError(PrivloraError):
 
     @property
     def recoverable(self) -> bool:
-        """A lost session or connection, a restarting or full server: worth a new session."""
+        """A lost connection or session, a restarting or full server, a replay refused after a
+        lost reply: worth redoing the step (see ``SecureClient``)."""
         return self.status is None or self.code in RECOVERABLE_CODES
 
 

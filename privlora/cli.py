@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from privlora import __version__
 from privlora.backends import DEFAULT_BACKEND, REGISTRY, available
@@ -27,8 +28,58 @@ ROLES = {"generate": "client", "inspect": "client", "serve": "server", "accounts
 TOKEN_ENV_VAR = "PRIVLORA_TOKEN"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown only where there is one worth showing: not for required options, flags or
+    options whose absence means something the help text already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return _HelpFormatter(prog, max_help_position=32)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` within the bounds, else a one-line usage error."""
+    if high is None:
+        bounds = f"{'greater than' if low_open else 'at least'} {low}"
+    else:
+        bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+PORT = _number(int, 1, 65535)
+POSITIVE = _number(float, 0, low_open=True)
+NON_NEGATIVE = _number(float, 0)
+PROBABILITY = _number(float, 0, 1, low_open=True)
 
 
 def _add_base(parser: argparse.ArgumentParser) -> None:
@@ -196,11 +247,14 @@ def _credentials(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from privlora.runtime.client import SecureClient, render_timings, timing_report
-    from privlora.runtime.generation import GenerationConfig, generate
+    from privlora.progress import Progress
+    from privlora.runtime.generation import GenerationConfig, check_context, generate
     from privlora.runtime.server import LOCAL, PrivateServer
     from privlora.runtime.tokenizer import load_client_tokenizer
     from privlora.runtime.transport import InProcessTransport, http_transport
 
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
     transport = (http_transport(args.server, args.transport, _credentials(args)) if args.server
                  else InProcessTransport(PrivateServer(args.artifact, LOCAL)))
     if args.backend_check:
@@ -213,13 +267,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_client_tokenizer(client.tokenizer_dir)
     # --raw adds the tokenizer's own special tokens (a BOS when its add_bos_token says so), as Hugging Face does
     prompt = tokenizer.encode(args.prompt, add_special_tokens=True) if args.raw else tokenizer.encode_chat(args.prompt)
+    check_context(len(prompt), args.max_new_tokens, client.model.context_length)
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature or 1.0, top_p=args.top_p, eos_token_ids=eos, seed=args.seed)
     tokens: list[int] = []
     shown = ""
+    prefill = None if args.quiet else Progress(client.groups_per_step, "prefill", "private groups")
+    client.on_group = prefill.advance if prefill else None
     try:
         for token in generate(client, prompt, config):
+            if client.on_group is not None:  # the prefill is done: its bar gives way to the answer
+                client.on_group = None
+                prefill.close()
             tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             print(text[len(shown):], end="", flush=True)
@@ -334,7 +394,7 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="privlora", formatter_class=_formatter,
         description="Private inference for LoRA-fine-tuned LLMs: the prompt stays encrypted, "
                     "the adapter stays on the server.")
@@ -355,13 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-o", "--output", required=True, help="adapter directory to write")
     tune.add_argument("--data", default=None, help="JSON Lines QA file (default: the demo clinic dataset)")
     tune.add_argument("--split", default="train", help="which split of the data to train on")
-    tune.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
-    tune.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout while training")
+    tune.add_argument("--rank", type=POSITIVE_INT, default=8, help="LoRA rank r")
+    tune.add_argument("--alpha", type=POSITIVE, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    tune.add_argument("--dropout", type=_number(float, 0, 1, high_open=True), default=0.05, help="LoRA dropout while training")
     tune.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="Linear layers to adapt")
-    tune.add_argument("--epochs", type=int, default=10, help="passes over the data")
-    tune.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (AdamW, linear decay)")
-    tune.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    tune.add_argument("--epochs", type=POSITIVE_INT, default=10, help="passes over the data")
+    tune.add_argument("--lr", type=POSITIVE, default=5e-3, help="peak learning rate (AdamW, linear decay)")
+    tune.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per step")
     tune.add_argument("--seed", type=int, default=0, help="random seed")
 
     evaluate = command("evaluate", cmd_evaluate,
@@ -370,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
     evaluate.add_argument("--data", default=None, help="JSON Lines QA file (default: the demo clinic dataset)")
     evaluate.add_argument("--split", default="heldout", help="which split to ask")
-    evaluate.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
+    evaluate.add_argument("--limit", type=POSITIVE_INT, default=None, help="ask only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the rates as JSON")
 
     comp = command("compile", cmd_compile,
@@ -394,13 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     create = account_actions.add_parser("create", formatter_class=_formatter,
                                         help="add an account and print its token (once)")
     create.add_argument("name", help="account name (letters, digits, _.@-)")
-    create.add_argument("--max-rows", type=int, default=AccountLimits.max_rows,
+    create.add_argument("--max-rows", type=COUNT, default=AccountLimits.max_rows,
                         help="query budget: rows of x per LoRA site, across all sessions and restarts (0: none)")
-    create.add_argument("--max-sessions", type=int, default=AccountLimits.max_sessions,
+    create.add_argument("--max-sessions", type=POSITIVE_INT, default=AccountLimits.max_sessions,
                         help="sessions held at once (one more evicts the account's own oldest)")
-    create.add_argument("--rate", type=float, default=AccountLimits.rate,
+    create.add_argument("--rate", type=NON_NEGATIVE, default=AccountLimits.rate,
                         help="requests per second for all the account's sessions (0: no limit)")
-    create.add_argument("--burst", type=int, default=AccountLimits.burst, help="requests at once before the rate applies")
+    create.add_argument("--burst", type=POSITIVE_INT, default=AccountLimits.burst, help="requests at once before the rate applies")
     create.add_argument("--admin", action="store_true", help="may also read /metrics (every account's use)")
     revoke = account_actions.add_parser("revoke", formatter_class=_formatter,
                                         help="revoke an account's token at once (its use is kept)")
@@ -419,16 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "serve an artifact's private rounds over HTTP (loads the server bundle only)")
     serve.add_argument("artifact", help="artifact directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--max-rows", type=int, default=1_000_000,
+    serve.add_argument("--port", type=PORT, default=8000, help="port to listen on")
+    serve.add_argument("--max-rows", type=COUNT, default=1_000_000,
                        help="without --accounts: rows of x one session may send in all (0: no budget)")
-    serve.add_argument("--rate", type=float, default=500.0,
+    serve.add_argument("--rate", type=NON_NEGATIVE, default=500.0,
                        help="without --accounts: requests per second per session (0: no limit)")
-    serve.add_argument("--burst", type=int, default=1000,
+    serve.add_argument("--burst", type=POSITIVE_INT, default=1000,
                        help="without --accounts: requests a session may send at once")
-    serve.add_argument("--max-sessions", type=int, default=64,
+    serve.add_argument("--max-sessions", type=POSITIVE_INT, default=64,
                        help="sessions kept in memory (least recently used evicted first)")
-    serve.add_argument("--session-ttl", type=float, default=3600.0, help="seconds before an idle session expires")
+    serve.add_argument("--session-ttl", type=POSITIVE, default=3600.0, help="seconds before an idle session expires")
     serve.add_argument("--accounts", default=None, metavar="DB",
                        help="require API tokens from this accounts database (privlora accounts); budgets, session "
                             "quotas and rate limits are then each account's own, persisted across restarts")
@@ -446,10 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--transport", default="stream", choices=TRANSPORTS,
                      help="with --server: stream (one WebSocket per session) or http (one request per message)")
     _add_credentials(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding, else sample")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, metavar="N",
+                     help="stop after N new tokens (at least 1; the prompt and N must fit the model's context)")
+    gen.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, metavar="T",
+                     help="0: greedy decoding; T > 0: sample from softmax(logits / T)")
+    gen.add_argument("--top-p", type=PROBABILITY, default=1.0, metavar="P",
+                     help="with --temperature: sample from the smallest set of tokens of mass P, in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, metavar="INT", help="sampling seed (default: random)")
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as is, without the chat template (with the tokenizer's BOS when it adds one)")
     gen.add_argument("--backend-check", action="store_true",
@@ -465,15 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("artifact", help="artifact directory")
     load.add_argument("--server", default=None, metavar="URL",
                       help="server to load (default: start one in this process on 127.0.0.1)")
-    load.add_argument("--port", type=int, default=None, help="port of the server it starts (default: a free one)")
-    load.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    load.add_argument("--tokens", type=int, default=8, help="tokens each client generates (per answer)")
+    load.add_argument("--port", type=PORT, default=None, help="port of the server it starts (default: a free one)")
+    load.add_argument("--clients", type=POSITIVE_INT, default=4, help="concurrent clients")
+    load.add_argument("--tokens", type=POSITIVE_INT, default=8, help="tokens each client generates (per answer)")
     _add_credentials(load)
     load.add_argument("--faults", action="store_true",
                       help="soak: answer random prompts for --duration seconds while the server is killed (-9) and "
                            "restarted and connections are cut at random; count lost and differing answers")
-    load.add_argument("--duration", type=float, default=120.0, help="with --faults: seconds to keep starting answers")
-    load.add_argument("--fault-every", type=float, default=15.0,
+    load.add_argument("--duration", type=POSITIVE, default=120.0, help="with --faults: seconds to keep starting answers")
+    load.add_argument("--fault-every", type=POSITIVE, default=15.0,
                       help="with --faults: mean seconds between faults (exponentially distributed)")
     load.add_argument("--seed", type=int, default=0, help="with --faults: seed of the prompts and the fault times")
     load.add_argument("--base", default=None,
@@ -488,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="A client with its own keys queries one site with chosen inputs and "
                                                   "fits the private map; error against queries and PLL sigma.")
     extract.set_defaults(handler=cmd_attack)
-    extract.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 3.2, 100.0, 1000.0, 10000.0],
+    extract.add_argument("--sigmas", type=NON_NEGATIVE, nargs="+", default=[0.0, 3.2, 100.0, 1000.0, 10000.0],
                          help="PLL error standard deviations (integer units) to try")
-    extract.add_argument("--queries", type=int, nargs="+", default=[144, 288, 576, 1152, 2304],
+    extract.add_argument("--queries", type=POSITIVE_INT, nargs="+", default=[144, 288, 576, 1152, 2304],
                          help="numbers of chosen queries (d_in is 576)")
     extract.add_argument("--bfv", action="store_true",
                          help="also attack through the real bfv backend (both messages, real encryption)")
@@ -510,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "chatglm2: query_key_value 4096->4608 r=8, random weights, one decoded row")
     bench.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
                        help="a backend option for every backend measured, repeatable: e.g. privacy=rigorous (bfv)")
-    bench.add_argument("--repeats", type=int, default=None,
+    bench.add_argument("--repeats", type=POSITIVE_INT, default=None,
                        help="timed single-row calls per site (default 5; 2 for concrete)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
@@ -519,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(prompt encrypted, adapter on the server) and by the fine-tuned model in plaintext")
     _add_base(demo)
     demo.add_argument("--adapter", default=str(DEMO_ADAPTER), help="peft adapter directory")
-    demo.add_argument("--questions", type=int, default=3, help="how many held-out questions to ask")
+    demo.add_argument("--questions", type=POSITIVE_INT, default=3, help="how many held-out questions to ask")
     demo.add_argument("--backend", nargs="+", default=[DEFAULT_BACKEND],
                       choices=[name for name in available() if name != "reference"],
                       help="private backends for the secure answers (several: side by side on the same questions)")
@@ -532,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except PrivloraError as exc:
         print(f"privlora: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except ModuleNotFoundError as exc:  # a command of another install role
         role = ROLES.get(args.command, "compile")
         print(f"privlora: error: '{args.command}' needs the {role} install role (missing module {exc.name}): "

@@ -2,7 +2,11 @@
 
 
 class PrivloraError(Exception):
-    """Base class for errors caused by the user's input (models, adapters, files, options)."""
+    """Base class for the errors the CLI reports as one line. ``exit_code`` 2: the user's input is
+    wrong (options, models, adapters, files); runtime failures (a server that refuses or cannot
+    be reached) set 1."""
+
+    exit_code = 2
 
 
 class UnsupportedModelError(PrivloraError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -104,6 +104,7 @@ class SecureClient:
         tokenizer = bundle.root / TOKENIZER_DIR
         self.tokenizer_dir = tokenizer if tokenizer.is_dir() else None
         self.steps: list[StepStats] = []
+        self.on_group: Callable[[], None] | None = None  # called after each group's exchange (progress)
 
     def _check_server(self) -> None:
         server = self.transport.info()
@@ -144,6 +145,8 @@ class SecureClient:
         for group in self.groups[step.name]:
             send = partial(self.transport.evaluate, self.session, group.round, group.index)
             outputs[group.output] = exchange(self.crypto, group, args[group.input], send, stats)
+            if self.on_group is not None:
+                self.on_group()
         return outputs
 
     def __call__(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
@@ -162,6 +165,10 @@ class SecureClient:
                 self._recover(exc, deadline)
         self.steps.append(stats)
         return logits, keys, values
+
+    @property
+    def groups_per_step(self) -> int:
+        return sum(len(groups) for groups in self.groups.values())
 
     def empty_cache(self, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.model.layers, batch_size, self.model.kv_heads, 0, self.model.head_dim)

@@ -16,6 +16,20 @@ from typing import Protocol
 
 import numpy as np
 
+from privlora.errors import UsageError
+
+
+class ContextLengthError(UsageError):
+    """The prompt and the tokens asked for do not fit the model's context."""
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    """Refuse, before any work, a generation that would run past the model's positions."""
+    if prompt_tokens + max_new_tokens > context_length:
+        raise ContextLengthError(f"a {prompt_tokens}-token prompt and up to {max_new_tokens} new tokens exceed the "
+                                 f"model's context of {context_length} positions: shorten the prompt or ask for fewer "
+                                 "new tokens")
+
 
 class CausalStep(Protocol):
     """``logits, keys, values = step(input_ids, position_ids, attention_mask, past_k, past_v)``."""

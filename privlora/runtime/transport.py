@@ -51,6 +51,8 @@ class TransportError(PrivloraError):
     """The server refused a request (``status`` and ``code`` say why) or could not be reached
     (both None)."""
 
+    exit_code = 1
+
     def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status

@@ -2,7 +2,7 @@
 the compiler's stack, no library module imports the CLI, and no import cycle exists.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-  base     privlora (package), errors, files, paths
+  base     privlora (package), errors, files, paths, progress
   core     the artifact layout and the shared data types
   backends each backend behind the contract
   runtime  client, server, transports, generation
@@ -34,7 +34,7 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in {"errors", "files", "paths"}:
+    if len(parts) == 1 or parts[1] in {"errors", "files", "paths", "progress"}:
         return "base"
     if parts[1] in {"core", "backends", "runtime", "models", "cli"}:
         return parts[1]

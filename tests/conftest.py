@@ -138,3 +138,41 @@ class TinyBuild:
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
     return TinyBuild(tmp_path_factory.mktemp("tiny-build"))
+
+
+def write_tiny_checkpoint(directory: Path, config: transformers.PretrainedConfig, seed: int = 0) -> Path:
+    """Save a random-weight checkpoint of ``config``'s transformers causal LM class, with weights
+    scaled up as in :func:`write_tiny_llama`."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def write_tiny_mistral(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-weight MistralForCausalLM without a sliding window (the tiny Llama's sizes)."""
+    fields = {**TINY_LLAMA, "sliding_window": None, **overrides}
+    return write_tiny_checkpoint(directory, transformers.MistralConfig(**fields), seed)
+
+
+# Phi-3 derives head_dim (16); Phi3Config's default pad and eos id 32000 lie outside a 160-token vocabulary.
+TINY_PHI3: dict[str, Any] = dict(
+    {k: v for k, v in TINY_LLAMA.items() if k != "head_dim"}, original_max_position_embeddings=256,
+    pad_token_id=None, bos_token_id=1, eos_token_id=2)
+
+
+def write_tiny_phi3(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-weight Phi3ForCausalLM (fused qkv_proj and gate_up_proj)."""
+    return write_tiny_checkpoint(directory, transformers.Phi3Config(**{**TINY_PHI3, **overrides}), seed)
+
+
+TINY_GEMMA: dict[str, Any] = dict(  # head_dim 24, not hidden_size / heads = 16, as Gemma's is its own field
+    TINY_LLAMA, head_dim=24, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+
+
+def write_tiny_gemma(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-weight GemmaForCausalLM (tied embeddings, its own head_dim, GeLU-tanh MLP)."""
+    return write_tiny_checkpoint(directory, transformers.GemmaConfig(**{**TINY_GEMMA, **overrides}), seed)

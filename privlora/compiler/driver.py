@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file as save_numpy
 from torch.fx import GraphModule
-from tqdm.auto import tqdm
 
 import privlora
 from privlora import backends
+from privlora.progress import Progress
 from privlora.backends import DEFAULT_BACKEND
 from privlora.compiler.frontend import sample_steps
 from privlora.compiler.ir import PrivateLinear
@@ -72,22 +72,48 @@ def _segment_entry(segment: LoweredSegment, root: Path) -> dict[str, Any]:
             "op_counts": segment.op_counts, "onnx_vs_torch_max_error": segment.max_error}
 
 
-def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists() and any(output.iterdir()):
+def _prepare_output(output: Path, force: bool) -> bool:
+    """An empty directory at ``output``; whether it existed before (then a failed compile empties
+    it, else it removes it)."""
+    existed = output.exists()
+    if existed and any(output.iterdir()):
         if not force:
             raise ArtifactError(f"{output} exists and is not empty (use --force to replace it)")
         shutil.rmtree(output)
+        existed = False
     output.mkdir(parents=True, exist_ok=True)
+    return existed
+
+
+def _remove_written(output: Path, existed: bool) -> None:
+    if not existed:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    for entry in output.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend: str = DEFAULT_BACKEND,
                      dump_ir: Path | None = None, debug: bool = False, force: bool = False,
                      backend_options: dict[str, Any] | None = None) -> CompileReport:
-    """Compile base + adapter into an artifact directory at ``output``."""
+    """Compile base + adapter into an artifact directory at ``output``. A compile that fails (or
+    is interrupted) removes what it wrote, so that a retry needs no ``--force``."""
     backends.load(backend)  # fail before any work on an unknown name
-    start = time.perf_counter()
     output = Path(output)
-    _prepare_output(output, force)
+    existed = _prepare_output(output, force)
+    try:
+        return _compile_into(base, adapter, output, backend, dump_ir, debug, backend_options or {})
+    except BaseException:
+        _remove_written(output, existed)
+        raise
+
+
+def _compile_into(base: str, adapter: str | Path, output: Path, backend: str, dump_ir: Path | None, debug: bool,
+                  backend_options: dict[str, Any]) -> CompileReport:
+    start = time.perf_counter()
     loaded = load_model(base, adapter)
     compiled = compile_graph(loaded.model, dump_ir=output / IR, debug=debug)
     if dump_ir is not None:
@@ -95,12 +121,15 @@ def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend
     split, plan = compiled.graph_module, compiled.analyses.plan
     arguments = segment_arguments(split, sample_steps(loaded.model))
     segments = []
-    for step in tqdm([s for s in plan.steps if s.kind == PUBLIC], desc="lower to ONNX", unit="segment"):
-        path = output / CLIENT / "segments" / f"{step.name}.onnx"
-        segments.append(lower_segment(split.get_submodule(step.name), step.name,
-                                      [args[step.name] for args in arguments], path))
+    public = [s for s in plan.steps if s.kind == PUBLIC]
+    with Progress(len(public), "lower to ONNX", "segments") as progress:
+        for step in public:
+            path = output / CLIENT / "segments" / f"{step.name}.onnx"
+            segments.append(lower_segment(split.get_submodule(step.name), step.name,
+                                          [args[step.name] for args in arguments], path))
+            progress.advance()
     rounds, weights = round_programs(split, plan)
-    build = backends.load(backend).compile(groups_from_rounds(rounds), weights, backend_options or {})
+    build = backends.load(backend).compile(groups_from_rounds(rounds), weights, backend_options)
     (output / SERVER).mkdir(parents=True, exist_ok=True)
     save_numpy({name: np.ascontiguousarray(t) for name, t in build.server_tensors.items()}, str(output / SERVER_PROGRAM))
     if loaded.tokenizer is not None:

@@ -65,6 +65,14 @@ def segment_arguments(split: GraphModule, samples: Sequence[SampleStep]) -> list
     return recorded
 
 
+def _require_tensors(segment: str, role: str, names: Sequence[str], values: Sequence[Any]) -> None:
+    """ONNX passes tensors only; partition keeps Python values (dtypes, sizes) inside segments."""
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor):
+            raise CompileError(f"{segment}: {role} {name} is a {type(value).__name__}, not a tensor "
+                               "(only tensors may cross a segment boundary)")
+
+
 def _specs(names: Sequence[str], per_sample: Sequence[Sequence[torch.Tensor]]) -> tuple[TensorSpec, ...]:
     """Shapes with the dimensions that vary across samples named ``<tensor>_dim<axis>``."""
     specs = []
@@ -92,6 +100,8 @@ def lower_segment(module: GraphModule, name: str, arguments: Sequence[tuple[torc
     input_names = tuple(node.name for node in module.graph.nodes if node.op == "placeholder")
     expected = [_as_tuple(module(*args)) for args in arguments]
     output_names = tuple(f"out_{i}" for i in range(len(expected[0])))
+    _require_tensors(name, "input", input_names, arguments[0])
+    _require_tensors(name, "output", output_names, expected[0])
     inputs, outputs = _specs(input_names, arguments), _specs(output_names, expected)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(module, arguments[0], str(path), input_names=list(input_names),

@@ -1,10 +1,12 @@
-"""Building blocks shared by the architecture modules: RMSNorm, the attention mask from explicit
-positions, and grouped-query attention over an explicit KV cache. All traceable with
-``torch.fx.symbolic_trace`` and exportable to ONNX with dynamic lengths."""
+"""Building blocks shared by the architecture modules: RMSNorm, the MLP activations, the
+attention mask from explicit positions, and grouped-query attention over an explicit KV cache.
+All traceable with ``torch.fx.symbolic_trace`` and exportable to ONNX with dynamic lengths."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -13,23 +15,34 @@ from torch import Tensor, nn
 # graph free of dtype-dependent Python).
 MASKED_SCORE = torch.finfo(torch.float32).min
 
+# MLP activations by their transformers ACT2FN names.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "gelu_pytorch_tanh": partial(nn.functional.gelu, approximate="tanh"),
+}
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm in float32. ``x / sqrt(.)`` rather than transformers'
     ``x * rsqrt(.)``: ONNX has no Rsqrt, and the exporter's Sqrt + Reciprocal rounds twice, which
     SmolLM2's large activations amplify to 1.2e-4 on the logits. Sqrt + Div rounds the same
-    way in torch and ONNX Runtime (8.9e-5); transformers parity stays within 1e-4."""
+    way in torch and ONNX Runtime (8.9e-5); transformers parity stays within 1e-4.
 
-    def __init__(self, size: int, eps: float) -> None:
+    With ``unit_offset`` (Gemma) the scale is ``1 + weight``: Gemma stores the offset from one."""
+
+    def __init__(self, size: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
         x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        scale = 1.0 + self.weight if self.unit_offset else self.weight
+        return scale * x.to(dtype)
 
 
 def attention_allowed(position_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
-"""Traceable Llama-family decoder (Llama 2/3-style: RMSNorm, RoPE, grouped-query attention,
-SwiGLU MLP, optionally tied embeddings).
+"""Traceable Llama-family decoder (Llama 2/3-style: RMSNorm, RoPE with the ``rope_scaling`` types
+default, linear, dynamic and llama3, grouped-query attention, SwiGLU MLP, optionally tied
+embeddings). Qwen2, Mistral, Gemma and Phi-3 map onto it: :class:`LlamaConfig` holds what they
+change (biases, activation, embedding scale, norm offset) and Phi-3 swaps in fused projections.
 
 Why a project-owned definition: the compiler needs one ``torch.fx.symbolic_trace`` graph for
 prefill and decode. Hugging Face's implementation has data-dependent Python control flow and a
@@ -20,6 +22,7 @@ with caches shaped ``[num_layers, batch, num_kv_heads, cache_len, head_dim]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +32,8 @@ from torch import Tensor, nn
 from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
 from privlora.models.contract import Architecture
-from privlora.models.layers import MASKED_SCORE, RMSNorm, attend, attention_allowed, run_layers  # noqa: F401 (re-exported)
+from privlora.models.layers import ACTIVATIONS, RMSNorm, attend, attention_allowed, run_layers
+from privlora.models.rope import Rope, RotaryEmbedding, apply_rope, llama_rope
 
 MODEL_TYPE = "llama"
 
@@ -52,79 +56,84 @@ class LlamaConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     tie_word_embeddings: bool
+    context_length: int  # max_position_embeddings, else the family's default
+    rope: Rope
     qkv_bias: bool = False  # q_proj, k_proj, v_proj (Llama: attention_bias; Qwen2: always)
     o_bias: bool = False  # o_proj (Llama: attention_bias; Qwen2: never)
     mlp_bias: bool = False
+    hidden_act: str = "silu"  # a key of layers.ACTIVATIONS
+    embed_scale: float | None = None  # Gemma multiplies the embeddings by sqrt(hidden_size)
+    norm_unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """Build from a Hugging Face ``config.json`` dict; reject features this definition lacks."""
-        if hf.get("model_type") != MODEL_TYPE:
-            raise UnsupportedModelError(f"expected model_type 'llama', got {hf.get('model_type')!r}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        if hf.get("rope_scaling"):
-            raise UnsupportedModelError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
+        """Build from a Llama ``config.json`` dict; reject features this definition lacks."""
+        expect_model_type(hf, MODEL_TYPE)
+        require_silu(hf)
         if hf.get("pretraining_tp", 1) != 1:
             raise UnsupportedModelError("pretraining_tp != 1 is not supported")
-        heads = hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise UnsupportedModelError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=hf.get("attention_bias", False),
-            o_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-        )
+        sizes = common_sizes(hf, DEFAULT_CONTEXT_LENGTH)
+        bias = hf.get("attention_bias", False)
+        return cls(**sizes, rope=llama_rope(hf, sizes["head_dim"], sizes["context_length"]),
+                   qkv_bias=bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False))
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE cos/sin tables computed from explicit position ids (no cached max length)."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B, S, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, S, D]
-        return angles.cos(), angles.sin()
+def expect_model_type(hf: dict[str, Any], model_type: str) -> None:
+    if hf.get("model_type") != model_type:
+        raise UnsupportedModelError(f"expected model_type {model_type!r}, got {hf.get('model_type')!r}")
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """Swap the two halves of the last dimension, negating the second (Llama RoPE convention)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def require_silu(hf: dict[str, Any]) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+def common_sizes(hf: dict[str, Any], context_length: int, rms_norm_eps: float = 1e-6, tied: bool = False,
+                 head_dim: int | None = None) -> dict[str, Any]:
+    """The LlamaConfig fields every Llama-like family names the same way. The keyword arguments
+    are the family's defaults for fields its ``config.json`` may omit (``head_dim``: else
+    hidden_size / heads)."""
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hf.get("head_dim") or head_dim or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
+        tie_word_embeddings=hf.get("tie_word_embeddings", tied),
+        context_length=hf.get("max_position_embeddings", context_length),
+    )
 
 
-class LlamaAttention(nn.Module):
+def refuse_sliding_window(hf: dict[str, Any], context_length: int, default: int | None = None) -> None:
+    """A sliding window at least as long as the context never masks a key: plain causal attention.
+    ``default`` is the family's window when ``config.json`` omits the field."""
+    window = hf.get("sliding_window", default)
+    if window is not None and window < context_length:
+        raise UnsupportedModelError(f"sliding_window {window} (shorter than the context length {context_length}) "
+                                    "is not supported")
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE over the explicit cache. Subclasses own the q/k/v
+    projections (separate or fused) and return them from :meth:`project`."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        hidden, bias = config.hidden_size, config.qkv_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
 
     def _heads(self, x: Tensor, count: int) -> Tensor:
         """[B, S, count*D] -> [B, count, S, D]."""
@@ -133,34 +142,58 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past_k: Tensor, past_v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = self.project(x)
+        q = apply_rope(self._heads(q, self.num_heads), cos, sin)
+        k = apply_rope(self._heads(k, self.num_kv_heads), cos, sin)
         present_k = torch.cat((past_k, k), dim=2)
-        present_v = torch.cat((past_v, v), dim=2)
+        present_v = torch.cat((past_v, self._heads(v, self.num_kv_heads)), dim=2)
         groups = self.num_heads // self.num_kv_heads
         return self.o_proj(attend(q, present_k, present_v, allowed, groups, self.head_dim)), present_k, present_v
 
 
+class LlamaAttention(Attention):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        hidden, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
 class LlamaMLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU with silu, GeGLU with gelu)."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.act: Callable[[Tensor], Tensor] = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def norm(config: LlamaConfig) -> RMSNorm:
+    return RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; a family with fused projections swaps the two classes."""
+
+    attention_class: type[Attention] = LlamaAttention
+    mlp_class: type[nn.Module] = LlamaMLP
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = norm(config)
+        self.self_attn = self.attention_class(config)
+        self.post_attention_layernorm = norm(config)
+        self.mlp = self.mlp_class(config)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past_k: Tensor, past_v: Tensor
@@ -172,21 +205,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_class: type[LlamaDecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(layer_class(config) for _ in range(config.num_hidden_layers))
+        self.norm = norm(config)
+        self.rotary_emb = RotaryEmbedding(config.rope)
 
 
 class LlamaForCausalLM(nn.Module):
     """Decoder with an explicit KV cache; see the module docstring for the step signature."""
 
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.layer_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -207,9 +242,13 @@ class LlamaForCausalLM(nn.Module):
         """
         cos, sin = self.model.rotary_emb(position_ids)
         allowed = attention_allowed(position_ids, attention_mask)
-        x, keys, values = run_layers(self.model.layers, self.model.embed_tokens(input_ids), cos, sin, allowed,
+        x, keys, values = run_layers(self.model.layers, self.embed(input_ids), cos, sin, allowed,
                                      past_keys, past_values)
         return self.lm_head(self.model.norm(x)), keys, values
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.model.embed_tokens(input_ids)
+        return x if self.config.embed_scale is None else x * self.config.embed_scale
 
     def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         """Zero-length past keys and values for a prefill step."""
@@ -231,17 +270,16 @@ def adapt_state_dict(model: LlamaForCausalLM, state: dict[str, Tensor]) -> dict[
     return state
 
 
-def shape_of(config: LlamaConfig, model_type: str, context_length: int) -> ModelShape:
+def shape_of(config: LlamaConfig, model_type: str) -> ModelShape:
     """The :class:`ModelShape` of a parsed config (shared with the families mapped onto Llama)."""
     return ModelShape(architecture=model_type, layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                       heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-                      head_dim=config.head_dim, vocab_size=config.vocab_size, context_length=context_length)
+                      head_dim=config.head_dim, vocab_size=config.vocab_size, context_length=config.context_length)
 
 
 def describe(hf_config: dict[str, Any]) -> ModelShape:
     """Sizes from the same parsing as :func:`build`, so defaults (KV heads, head_dim) agree."""
-    return shape_of(LlamaConfig.from_hf(hf_config), MODEL_TYPE,
-                    hf_config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+    return shape_of(LlamaConfig.from_hf(hf_config), MODEL_TYPE)
 
 
 ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=LORA_TARGETS, build=build,

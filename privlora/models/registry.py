@@ -8,13 +8,14 @@ from typing import Any
 
 from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
-from privlora.models import chatglm2, llama, qwen2
+from privlora.models import chatglm2, gemma, llama, mistral, phi3, qwen2
 from privlora.models.contract import Architecture
 
 __all__ = ["ARCHITECTURES", "Architecture", "architecture", "describe"]
 
 ARCHITECTURES: dict[str, Architecture] = {
-    record.model_type: record for record in (llama.ARCHITECTURE, qwen2.ARCHITECTURE, chatglm2.ARCHITECTURE)
+    record.model_type: record for record in (llama.ARCHITECTURE, qwen2.ARCHITECTURE, mistral.ARCHITECTURE,
+                                             phi3.ARCHITECTURE, gemma.ARCHITECTURE, chatglm2.ARCHITECTURE)
 }
 
 

@@ -7,6 +7,11 @@ stream, the KV cache pieces, the sites' inputs and results) become the submodule
 outputs. The result computes the same function: a top-level graph that calls the submodules in
 order, which is what the runtime executes (public segments on ONNX Runtime, rounds on the
 server).
+
+Only tensors may cross a cut: a segment's inputs and outputs are ONNX values. A value computed
+from a tensor's metadata (``x.dtype``, ``x.shape[-1]``) is a Python object, so each segment that
+uses one recomputes it from the tensor instead (:func:`localize_metadata`). With LoRA on k_proj but
+not q_proj, for example, q is computed before the round and its dtype read after it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,54 @@ from privlora.compiler.ir import PUBLIC_PREFIX, ROUND, ROUND_PREFIX, STAGE
 from privlora.compiler.plan import plan_from_graph
 from privlora.compiler.pass_manager import Analyses, compiler_pass
 
+METADATA_ATTRIBUTES = frozenset({"dtype", "shape", "device", "ndim"})  # x.dtype, x.shape, ...
+METADATA_METHODS = frozenset({"size", "dim"})  # x.size(-1), x.dim()
+
 
 def _partition_id(node: Node) -> int:
     """Interleave: public stage s -> 2s, round r -> 2r + 1 (so ids are topologically ordered)."""
     return 2 * node.meta[ROUND] + 1 if ROUND in node.meta else 2 * node.meta[STAGE]
+
+
+def _reads_metadata(node: Node, metadata: set[Node]) -> bool:
+    """Whether ``node`` computes its value from tensor metadata only: ``x.dtype``, ``x.size(i)``,
+    or an operation whose every input is such a value (``x.shape[-1] // 2``)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in METADATA_ATTRIBUTES
+    if node.op == "call_method" and node.target in METADATA_METHODS:
+        return True
+    inputs = node.all_input_nodes
+    return node.op in ("call_function", "call_method") and bool(inputs) and all(n in metadata for n in inputs)
+
+
+def localize_metadata(gm: GraphModule) -> None:
+    """Give each public stage that reads a metadata value its own copy of the nodes computing it,
+    so the value never crosses a cut: the copy reads the tensor itself, which may cross."""
+    metadata: set[Node] = set()
+    for node in gm.graph.nodes:
+        if _reads_metadata(node, metadata):
+            metadata.add(node)
+    for node in reversed(list(gm.graph.nodes)):  # users first, so a copy's inputs are copied after it
+        if node not in metadata:
+            continue
+        elsewhere: dict[int, list[Node]] = {}  # users in other stages (PLL nodes read tensors only)
+        for user in node.users:
+            if user.meta[STAGE] != node.meta[STAGE]:
+                elsewhere.setdefault(user.meta[STAGE], []).append(user)
+        for stage, users in elsewhere.items():
+            with gm.graph.inserting_before(_first(gm, users)):
+                copy = gm.graph.node_copy(node)
+            copy.meta[STAGE] = stage
+            for user in users:
+                user.replace_input_with(node, copy)
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _first(gm: GraphModule, nodes: list[Node]) -> Node:
+    """The earliest of ``nodes`` in the graph's (topological) order."""
+    wanted = set(nodes)
+    return next(node for node in gm.graph.nodes if node in wanted)
 
 
 def _readable(target: str) -> str:
@@ -67,6 +116,7 @@ def _inline_constants(split: GraphModule) -> None:
 
 @compiler_pass(requires={"schedule"}, provides={"plan"})
 def partition(gm: GraphModule, analyses: Analyses) -> GraphModule:
+    localize_metadata(gm)
     split = split_module(gm, gm, _partition_id)
     _inline_constants(split)
     for node in split.graph.nodes:

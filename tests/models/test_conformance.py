@@ -1,9 +1,16 @@
 """The architecture contract, checked the same way for every registered architecture.
 
 Parametrised over ``privlora.models.registry.ARCHITECTURES``: registering an architecture adds it
-here, and the suite fails until FACTORIES has its test material. For each one: ``describe`` on the
-tiny config, parity with the reference implementation, cached decode against recomputation, the
-torch.fx trace against eager, and compile + secure generation against the plaintext tokens.
+here, and the suite fails until FACTORIES has its test material under its ``model_type``. Further
+FACTORIES entries run a family's variants (``rope_scaling`` types) through the same checks. For
+each one: ``describe`` on the tiny config, parity with the reference implementation, cached decode
+against recomputation, the torch.fx trace against eager, and compile + secure generation against
+the plaintext tokens.
+
+The length-dependent rope variants get a context shorter than the generated sequence: the parity
+pass (11 tokens) and secure generation (4 + 6) then run beyond it, where dynamic NTK rescales and
+LongRoPE switches to its long factors, while cached decode stays within it (beyond, transformers'
+own cached decode and recomputation differ, as each step's keys keep the frequencies of their step).
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import transformers
 from torch import Tensor
 
 from chatglm2_reference import thudm_logits, write_chatglm2_adapter, write_tiny_chatglm2
-from conftest import step_inputs, write_tiny_adapter, write_tiny_llama, write_tiny_qwen2
+from conftest import (step_inputs, write_tiny_adapter, write_tiny_gemma, write_tiny_llama, write_tiny_mistral,
+                      write_tiny_phi3, write_tiny_qwen2, write_tiny_tokenizer)
 from privlora.compiler.driver import CompileReport, compile_artifact
 from privlora.compiler.frontend import trace
+from privlora.core.artifact import TOKENIZER_DIR
 from privlora.core.inspection import render, summary
 from privlora.core.types import ModelShape
 from privlora.models.checkpoint import build_model, read_config
@@ -31,6 +40,7 @@ from privlora.models.registry import ARCHITECTURES, Architecture
 from privlora.models.step import TorchStep
 from privlora.runtime.client import open_local
 from privlora.runtime.generation import GenerationConfig, generate
+from privlora.runtime.tokenizer import load_client_tokenizer
 
 TOLERANCE = 1e-4
 PROMPT = [4, 8, 15, 16]
@@ -54,15 +64,46 @@ class Factory:
     shape: ModelShape  # what describe() must give for the tiny checkpoint's config
 
 
+def llama_shape(model_type: str, context_length: int = 256, head_dim: int = 16) -> ModelShape:
+    """The tiny Llama-like configs' sizes (conftest.TINY_LLAMA)."""
+    return ModelShape(model_type, layers=3, hidden_size=64, heads=4, kv_heads=2, head_dim=head_dim, vocab_size=160,
+                      context_length=context_length)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0}  # the tiny heads' wavelengths fall in all three bands
+LONGROPE = {"type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
+            "long_factor": [2.0 + i for i in range(8)]}
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+llama_logits = partial(transformers_logits, transformers.LlamaForCausalLM)
+phi3_logits = partial(transformers_logits, transformers.Phi3ForCausalLM)
+
 FACTORIES: dict[str, Factory] = {
     "llama": Factory(write_tiny_llama, partial(write_tiny_adapter, targets=["v_proj", "o_proj", "up_proj"]),
-                     partial(transformers_logits, transformers.LlamaForCausalLM),
-                     ModelShape("llama", layers=3, hidden_size=64, heads=4, kv_heads=2, head_dim=16,
-                                vocab_size=160, context_length=256)),
+                     llama_logits, llama_shape("llama")),
+    "llama-rope-linear": Factory(partial(write_tiny_llama, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+                                 partial(write_tiny_adapter, targets=["k_proj", "v_proj"]),
+                                 llama_logits, llama_shape("llama")),
+    "llama-rope-dynamic": Factory(partial(write_tiny_llama, rope_scaling={"rope_type": "dynamic", "factor": 3.0},
+                                          max_position_embeddings=8),
+                                  partial(write_tiny_adapter, targets=["q_proj", "down_proj"]),
+                                  llama_logits, llama_shape("llama", context_length=8)),
+    "llama-rope-llama3": Factory(partial(write_tiny_llama, rope_scaling=LLAMA3_ROPE),
+                                 partial(write_tiny_adapter, targets=["q_proj", "v_proj"]),
+                                 llama_logits, llama_shape("llama")),
     "qwen2": Factory(write_tiny_qwen2, partial(write_tiny_adapter, targets=["q_proj", "v_proj", "down_proj"]),
-                     partial(transformers_logits, transformers.Qwen2ForCausalLM),
-                     ModelShape("qwen2", layers=3, hidden_size=64, heads=4, kv_heads=2, head_dim=16,
-                                vocab_size=160, context_length=256)),
+                     partial(transformers_logits, transformers.Qwen2ForCausalLM), llama_shape("qwen2")),
+    "mistral": Factory(write_tiny_mistral, partial(write_tiny_adapter, targets=["q_proj", "k_proj", "v_proj", "gate_proj"]),
+                       partial(transformers_logits, transformers.MistralForCausalLM), llama_shape("mistral")),
+    "phi3": Factory(write_tiny_phi3, partial(write_tiny_adapter, targets=PHI3_TARGETS), phi3_logits,
+                    llama_shape("phi3")),
+    "phi3-longrope": Factory(partial(write_tiny_phi3, rope_scaling=LONGROPE, original_max_position_embeddings=8),
+                             partial(write_tiny_adapter, targets=["qkv_proj", "down_proj"]), phi3_logits,
+                             llama_shape("phi3")),
+    # Gemma's scaled, tied embeddings make the tiny base repeat its input: a stronger adapter changes that.
+    "gemma": Factory(write_tiny_gemma, partial(write_tiny_adapter, targets=["k_proj", "o_proj", "gate_proj"], alpha=32.0),
+                     partial(transformers_logits, transformers.GemmaForCausalLM),
+                     llama_shape("gemma", head_dim=24)),
     "chatglm": Factory(write_tiny_chatglm2,
                        partial(write_chatglm2_adapter, targets=["query_key_value", "dense_4h_to_h"]),
                        thudm_logits,
@@ -85,15 +126,15 @@ class Case:
         return read_config(self.base)
 
 
-@pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="session", params=sorted(set(ARCHITECTURES) | set(FACTORIES)))
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    model_type = request.param
-    if model_type not in FACTORIES:
-        pytest.fail(f"architecture {model_type!r} is registered but has no conformance Factory in FACTORIES")
-    factory = FACTORIES[model_type]
-    root = tmp_path_factory.mktemp(model_type)
-    base = factory.write_base(root / "base")
-    return Case(ARCHITECTURES[model_type], factory, base, factory.write_adapter(base, root / "adapter"))
+    name = request.param
+    if name not in FACTORIES:
+        pytest.fail(f"architecture {name!r} is registered but has no conformance Factory in FACTORIES")
+    factory = FACTORIES[name]
+    root = tmp_path_factory.mktemp(name)
+    base = write_tiny_tokenizer(factory.write_base(root / "base"), factory.shape.vocab_size)
+    return Case(ARCHITECTURES[factory.shape.architecture], factory, base, factory.write_adapter(base, root / "adapter"))
 
 
 @pytest.fixture(scope="session")
@@ -117,9 +158,9 @@ def test_describe_gives_the_tiny_config_sizes(case: Case) -> None:
 
 
 def test_matches_the_reference_implementation(case: Case) -> None:
-    input_ids = random_ids(case.factory.shape.vocab_size, 2, 9)
+    input_ids = random_ids(case.factory.shape.vocab_size, 2, 11)
     expected = case.factory.reference_logits(case.base, input_ids)
-    assert expected.shape == (2, 9, case.factory.shape.vocab_size)
+    assert expected.shape == (2, 11, case.factory.shape.vocab_size)
     assert expected.abs().max() > 1.0  # the comparison is not between near-zero tensors
     assert (full_logits(build_model(case.base), input_ids) - expected).abs().max() < TOLERANCE
 
@@ -163,6 +204,20 @@ def test_secure_generation_equals_plaintext(case: Case, compiled: CompileReport)
     plaintext = list(generate(TorchStep(loaded.model), PROMPT, GENERATION))
     assert plaintext != list(generate(TorchStep(build_model(case.base)), PROMPT, GENERATION))
     assert list(generate(open_local(compiled.artifact), PROMPT, GENERATION)) == plaintext
+
+
+def test_chat_prompt_from_the_artifact_tokenizer(case: Case, compiled: CompileReport) -> None:
+    """The artifact carries the checkpoint's tokenizer: the client's chat prompt is transformers'
+    and fits the vocabulary, and secure generation from it gives the plaintext tokens."""
+    client = load_client_tokenizer(compiled.artifact / TOKENIZER_DIR)
+    reference = transformers.AutoTokenizer.from_pretrained(str(case.base))
+    messages = [{"role": "user", "content": "When does the clinic open?"}]
+    prompt = client.encode_chat(messages)
+    assert prompt == reference.apply_chat_template(messages, add_generation_prompt=True)
+    assert max(prompt) < case.factory.shape.vocab_size
+    config = GenerationConfig(max_new_tokens=2)
+    plaintext = list(generate(TorchStep(load_model(case.base, case.adapter).model), prompt, config))
+    assert list(generate(open_local(compiled.artifact), prompt, config)) == plaintext
 
 
 def test_inspect_reads_the_shape_from_the_manifest(case: Case, compiled: CompileReport) -> None:

@@ -1,6 +1,8 @@
-"""What is particular to Llama (the conformance suite covers the default tiny config): the
-variants (MHA, MQA, tied embeddings, biases, SmolLM2's shape) and a left-padded batch against
-transformers' LlamaForCausalLM, and the refused configurations."""
+"""What is particular to Llama (the conformance suite covers the default tiny config and the
+rope_scaling types): the variants (MHA, MQA, tied embeddings, biases, SmolLM2's shape) and a
+left-padded batch against transformers' LlamaForCausalLM, a legacy ``type`` rope_scaling key,
+dynamic NTK decoding past the context against transformers' cached decoding, and the refused
+configurations."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import transformers
 from conftest import TINY_VARIANTS, step_inputs, write_tiny_llama
 from privlora.errors import UnsupportedModelError
 from privlora.models.checkpoint import build_model
+from privlora.models.step import TorchStep
+from privlora.runtime.generation import GenerationConfig, generate
 
 TOLERANCE = 1e-4
 # The default (GQA) configuration is the conformance suite's.
@@ -57,7 +61,8 @@ def test_left_padded_batch_matches_transformers(tiny_llama):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "gpt2"}, "model_type"),
     ],
@@ -67,3 +72,39 @@ def test_unsupported_configs_are_rejected(tiny_llama, override, message):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **override}))
     with pytest.raises(UnsupportedModelError, match=message):
         build_model(tiny_llama)
+
+
+def rewrite_config(checkpoint, **fields):
+    config_file = checkpoint / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **fields}))
+
+
+def test_legacy_rope_scaling_type_key_matches_transformers(tmp_path):
+    checkpoint = write_tiny_llama(tmp_path / "legacy")
+    rewrite_config(checkpoint, rope_scaling={"type": "linear", "factor": 2.0})  # no rope_type, as older configs
+    input_ids = torch.randint(0, 160, (1, 11))
+    reference = reference_logits(checkpoint, input_ids)
+    assert (reference - reference_logits(write_tiny_llama(tmp_path / "unscaled"), input_ids)).abs().max() > 1e-3
+    assert (full_logits(build_model(checkpoint), input_ids) - reference).abs().max() < TOLERANCE
+
+
+@torch.no_grad()
+def transformers_cached_greedy(checkpoint, prompt, new_tokens):
+    """Greedy decoding through transformers' KV cache, one token per forward call."""
+    model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    output = model(torch.tensor([prompt]), use_cache=True)
+    tokens = [int(output.logits[0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        output = model(torch.tensor([tokens[-1:]]), past_key_values=output.past_key_values, use_cache=True)
+        tokens.append(int(output.logits[0, -1].argmax()))
+    return tokens
+
+
+def test_dynamic_rope_decoding_past_the_context_matches_transformers(tmp_path):
+    """Past max_position_embeddings, dynamic NTK rescales at every step: each step's keys keep the
+    frequencies of their step in the cache, in transformers' cache as in ours."""
+    checkpoint = write_tiny_llama(tmp_path / "dynamic", max_position_embeddings=8,
+                                  rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    prompt = [4, 8, 15, 16, 23, 42]
+    ours = list(generate(TorchStep(build_model(checkpoint)), prompt, GenerationConfig(max_new_tokens=10)))
+    assert ours == transformers_cached_greedy(checkpoint, prompt, 10)

@@ -1,6 +1,7 @@
 """What is particular to Qwen2 (the conformance suite covers the default tiny config): tied
-embeddings with one KV head per head against transformers' Qwen2ForCausalLM, peft adapters on any
-subset of the projections against peft, and the refused sliding-window attention."""
+embeddings with one KV head per head and the rope_scaling types (Llama's rotary embedding) against
+transformers' Qwen2ForCausalLM, peft adapters on any subset of the projections against peft, and
+the refused sliding-window attention."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def test_tied_mha_logits_match_transformers(tmp_path):
     with torch.no_grad():
         expected = reference(input_ids).logits
     assert expected.abs().max() > 1.0
+    assert (ours(build_model(checkpoint), input_ids) - expected).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},  # past the context of 8 below
+    {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0},
+], ids=lambda scaling: scaling["rope_type"])
+def test_rope_scaling_matches_transformers(tmp_path, rope_scaling):
+    checkpoint = write_tiny_qwen2(tmp_path / "rope", rope_scaling=rope_scaling, max_position_embeddings=8)
+    input_ids = torch.randint(0, 160, (1, 11))
+    reference = transformers.Qwen2ForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(input_ids).logits
     assert (ours(build_model(checkpoint), input_ids) - expected).abs().max() < TOLERANCE
 
 

@@ -203,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
                            max_rows=args.max_rows or None, rate=args.rate or None, burst=args.burst)
     scheme = "https" if tls else "http"
-    print(f"privlora server: {args.artifact} on {scheme}://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    print(f"privlora server: {', '.join(args.artifact)} on {scheme}://{args.host}:{args.port} (Ctrl-C to stop)",
+          file=sys.stderr)
     serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
           accounts=args.accounts, tls=tls)
     return 0
@@ -247,6 +248,7 @@ def _credentials(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from privlora.runtime.client import SecureClient, render_timings, timing_report
+    from privlora.core.artifact import CLIENT, TOKENIZER_DIR, load_bundle
     from privlora.progress import Progress
     from privlora.runtime.generation import GenerationConfig, check_context, generate
     from privlora.runtime.server import LOCAL, PrivateServer
@@ -255,19 +257,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    # The prompt is checked against the model before any key, session or encryption.
+    bundle = load_bundle(args.artifact, CLIENT)
+    tokenizer_dir = bundle.root / TOKENIZER_DIR
+    if not tokenizer_dir.is_dir():
+        raise PrivloraError(f"{args.artifact} has no tokenizer in its client bundle")
+    tokenizer = load_client_tokenizer(tokenizer_dir)
+    # --raw adds the tokenizer's own special tokens (a BOS when its add_bos_token says so), as Hugging Face does
+    prompt = tokenizer.encode(args.prompt, add_special_tokens=True) if args.raw else tokenizer.encode_chat(args.prompt)
+    check_context(len(prompt), args.max_new_tokens, bundle.manifest["model"]["context_length"])
     transport = (http_transport(args.server, args.transport, _credentials(args)) if args.server
                  else InProcessTransport(PrivateServer(args.artifact, LOCAL)))
     if args.backend_check:
-        info = transport.info()
-        print(f"server: backend {info['backend']}, artifact {info['artifact'][:16]}, {info['sessions']} open sessions",
-              file=sys.stderr)
-    client = SecureClient(args.artifact, transport, cache_keys=not args.no_key_cache)
-    if client.tokenizer_dir is None:
-        raise PrivloraError(f"{args.artifact} has no tokenizer in its client bundle")
-    tokenizer = load_client_tokenizer(client.tokenizer_dir)
-    # --raw adds the tokenizer's own special tokens (a BOS when its add_bos_token says so), as Hugging Face does
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=True) if args.raw else tokenizer.encode_chat(args.prompt)
-    check_context(len(prompt), args.max_new_tokens, client.model.context_length)
+        for hosted in transport.info()["artifacts"]:
+            print(f"server: artifact {hosted['artifact'][:16]} ({hosted['name']}), backend {hosted['backend']}, "
+                  f"{hosted['sessions']} open sessions", file=sys.stderr)
+    client = SecureClient(args.artifact, transport, cache_keys=not args.no_key_cache, bundle=bundle)
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature or 1.0, top_p=args.top_p, eos_token_ids=eos, seed=args.seed)
@@ -476,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--ir", nargs="?", const="", default=None, metavar="PASS",
                       help="show the per-pass IR summary, or the IR after PASS (e.g. fuse_pll)")
 
-    serve = command("serve", cmd_serve, "serve an artifact's private rounds over HTTP (loads the server bundle only)")
-    serve.add_argument("artifact", help="artifact directory")
+    serve = command("serve", cmd_serve,
+                    "serve the private rounds of one or more artifacts over HTTP (loads their server bundles only)")
+    serve.add_argument("artifact", nargs="+",
+                       help="artifact directories (several: one server for several adapters, each with its own "
+                            "sessions and budgets; clients name theirs by id)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=PORT, default=8000, help="port to listen on")
     serve.add_argument("--max-rows", type=COUNT, default=1_000_000,

@@ -52,5 +52,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        elif self.interactive:  # a failure's own message follows on a line of its own
+            self.stream.write("\n")

@@ -28,7 +28,7 @@ import numpy as np
 
 from privlora import backends
 from privlora.backends.base import ExchangeCost, exchange
-from privlora.core.artifact import CLIENT, CRYPTO, TOKENIZER_DIR, ArtifactError, artifact_id, load_bundle
+from privlora.core.artifact import CLIENT, CRYPTO, TOKENIZER_DIR, ArtifactError, Bundle, artifact_id, load_bundle
 from privlora.core.plan import PUBLIC, Plan, PlanStep, run_plan
 from privlora.core.types import GroupSpec, ModelShape, groups_from_rounds
 from privlora.files import read_json
@@ -79,8 +79,8 @@ def _load_or_create_client(module, params: dict[str, Any], path: Path | None):
 
 class SecureClient:
     def __init__(self, artifact: str | Path, transport: Transport, cache_keys: bool = True,
-                 recovery: Recovery = Recovery()) -> None:
-        bundle = load_bundle(artifact, CLIENT)
+                 recovery: Recovery = Recovery(), bundle: Bundle | None = None) -> None:
+        bundle = bundle or load_bundle(artifact, CLIENT)  # a caller that read it already passes it
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
         self.backend_name = manifest["backend"]["name"]
@@ -96,7 +96,7 @@ class SecureClient:
         keys = key_path(self.artifact_id, self.backend_name) if cache_keys else None
         self.crypto = _load_or_create_client(backends.load(self.backend_name), params, keys)
         self.evaluation_keys = self.crypto.evaluation_keys()
-        self.session = transport.open_session(self.evaluation_keys)
+        self.session = transport.open_session(self.evaluation_keys, self.artifact_id)
         self.recovery = recovery
         self.recoveries = 0  # steps redone after a fault
         self.sessions_opened = 1
@@ -107,10 +107,11 @@ class SecureClient:
         self.on_group: Callable[[], None] | None = None  # called after each group's exchange (progress)
 
     def _check_server(self) -> None:
-        server = self.transport.info()
-        if server.get("artifact") != self.artifact_id:
+        hosted = [entry.get("artifact") for entry in self.transport.info().get("artifacts", [])]
+        if self.artifact_id not in hosted:
+            served = ", ".join(str(artifact)[:16] for artifact in hosted) or "none"
             raise ArtifactError("the server runs another artifact (or another build of it) than this client bundle: "
-                                f"server {str(server.get('artifact'))[:16]}, client {self.artifact_id[:16]}")
+                                f"server {served}, client {self.artifact_id[:16]}")
 
     def _recover(self, lost: TransportError, deadline: float) -> None:
         """Get ready to redo a step: wait until the server answers (with the same artifact), and
@@ -122,7 +123,7 @@ class SecureClient:
             try:
                 self._check_server()
                 if lost.code == "unknown_session":
-                    self.session = self.transport.open_session(self.evaluation_keys)
+                    self.session = self.transport.open_session(self.evaluation_keys, self.artifact_id)
                     self.sessions_opened += 1
                 self.recoveries += 1
                 return

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from privlora.runtime.accounts import AccountStore
 from privlora.runtime.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.runtime.refusals import REFUSALS, TooLargeError, refusal_of
-from privlora.runtime.server import PrivateServer, SessionLimits
+from privlora.runtime.server import Hosting, PrivateServer, SessionLimits
 from privlora.runtime.transport import API, read_stream_request, stream_reply
 
 log = logging.getLogger("privlora.server")
@@ -141,9 +141,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> FastAPI:
+def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits()) -> FastAPI:
+    hosting = hosted if isinstance(hosted, Hosting) else Hosting([hosted])
     app = FastAPI(title="privlora server", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics, drain = Metrics(server), Drain()
+    metrics, drain = Metrics(hosting), Drain()
     app.state.drain = drain
     app.add_middleware(Instrumented, metrics=metrics, drain=drain)
 
@@ -161,32 +162,30 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
 
     @app.get(f"{API}/health")
     async def health() -> dict:
-        return {"status": "ok", **server.info()}
+        return {"status": "ok", **hosting.info()}
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
-        await run_in_threadpool(server.admin, request.headers.get("authorization"))
+        await run_in_threadpool(hosting.first.admin, request.headers.get("authorization"))
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
     @app.post(f"{API}/sessions")
     async def open_session(request: Request) -> dict:
         keys = await _read_body(request, limits.keys)
-        authorization = request.headers.get("authorization")
-        return {"session": await run_in_threadpool(
-            lambda: server.open_session(keys, server.account(authorization)))}
+        authorization, artifact = request.headers.get("authorization"), request.query_params.get("artifact")
+        return {"session": await run_in_threadpool(hosting.open_session, authorization, artifact, keys)}
 
     @app.delete(f"{API}/sessions/{{session}}")
     async def close_session(session: str, request: Request) -> dict:
         authorization = request.headers.get("authorization")
-        await run_in_threadpool(lambda: server.close_session(session, server.account(authorization)))
+        await run_in_threadpool(hosting.close_session, authorization, session)
         return {"closed": True}
 
     @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}/{{message}}")
     async def evaluate(session: str, round_name: str, index: int, message: int, request: Request) -> Response:
         payload = await _read_body(request, limits.round)
         authorization = request.headers.get("authorization")
-        reply = await run_in_threadpool(
-            lambda: server.evaluate(session, round_name, index, message, payload, server.account(authorization)))
+        reply = await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message, payload)
         return Response(reply, media_type="application/octet-stream")
 
     @app.websocket(f"{API}/sessions/{{session}}/stream")
@@ -194,7 +193,7 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
         """The same messages as the round route, one binary frame each way on one connection. A
         frame larger than the round limit closes the connection (1009, "message too big"); a
         shutdown closes it (1012) after answering the frame in flight."""
-        answer = partial(answer_frame, server, session, socket.headers.get("authorization"))
+        answer = partial(answer_frame, hosting, session, socket.headers.get("authorization"))
         await socket.accept()
         try:
             while not drain.draining:
@@ -216,7 +215,7 @@ def create_app(server: PrivateServer, limits: BodyLimits = BodyLimits()) -> Fast
     return app
 
 
-async def answer_frame(server: PrivateServer, session: str, authorization: str | None,
+async def answer_frame(hosting: Hosting, session: str, authorization: str | None,
                        frame: bytes) -> tuple[int, bytes]:
     """A stream frame's status and reply: the evaluation, or the refusal the HTTP route would give."""
     try:
@@ -224,8 +223,8 @@ async def answer_frame(server: PrivateServer, session: str, authorization: str |
     except ValueError as exc:
         return 400, json.dumps({"error": f"malformed stream frame: {exc}", "code": "malformed_payload"}).encode()
     try:
-        return 200, await run_in_threadpool(
-            lambda: server.evaluate(session, round_name, index, message, payload, server.account(authorization)))
+        return 200, await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message,
+                                            payload)
     except Exception as exc:
         status, body = refusal_body(exc)
         return status, json.dumps(body).encode()
@@ -290,17 +289,17 @@ class TLS:
     key: Path
 
 
-def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           limits: SessionLimits = SessionLimits(), accounts: str | Path | None = None, tls: TLS | None = None) -> None:
     configure_logging(log_level)
     store = AccountStore(accounts) if accounts is not None else None
-    server = PrivateServer(artifact, limits, store)
+    hosting = Hosting([PrivateServer(artifact, limits, store) for artifact in artifacts])
     if store is None:
         log.warning("accounts off: anyone who can reach this port may open sessions, with a query budget per "
                     "session (serve --accounts DB to require API tokens)", extra={"event": "accounts"})
     else:
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
-    app = create_app(server)
+    app = create_app(hosting)
     # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=BodyLimits().round, ws_ping_interval=None,

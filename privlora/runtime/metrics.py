@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from privlora.runtime.server import PrivateServer
+from privlora.runtime.server import Hosting
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
@@ -24,22 +24,24 @@ STREAM_ROUTE = "/v1/sessions/{session}/stream"
 class _ServerState(Collector):
     """Figures read from the server (and its accounts database) at scrape time."""
 
-    def __init__(self, server: PrivateServer) -> None:
-        self.server = server
+    def __init__(self, hosting: Hosting) -> None:
+        self.hosting = hosting
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        info = self.server.info()
+        info = self.hosting.info()
         yield GaugeMetricFamily("privlora_open_sessions", "Client sessions held", value=info["sessions"])
         yield GaugeMetricFamily("privlora_session_key_bytes", "Evaluation-key bytes held for all sessions",
                                 value=info["session_key_bytes"])
-        if self.server.accounts is None:
+        if self.hosting.accounts is None:
             return
         rows = GaugeMetricFamily("privlora_account_rows", "Rows of x an account has sent to its most-queried LoRA "
-                                 "site of this artifact (what the per-site budget bounds)", labels=["account"])
+                                 "site of an artifact (what the per-site budget bounds)", labels=["account", "artifact"])
         budget = GaugeMetricFamily("privlora_account_budget_rows", "An account's budget in rows per LoRA site",
                                    labels=["account"])
-        for usage in self.server.accounts.usage(self.server.artifact_id):
-            rows.add_metric([usage.account.name], usage.max_site_rows)
+        for artifact in self.hosting.servers:
+            for usage in self.hosting.accounts.usage(artifact):
+                rows.add_metric([usage.account.name, artifact[:16]], usage.max_site_rows)
+        for usage in self.hosting.accounts.usage():
             if usage.account.limits.max_rows is not None:
                 budget.add_metric([usage.account.name], usage.account.limits.max_rows)
         yield rows
@@ -47,14 +49,14 @@ class _ServerState(Collector):
 
 
 class Metrics:
-    def __init__(self, server: PrivateServer) -> None:
+    def __init__(self, hosting: Hosting) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("privlora_requests", "Requests (and stream frames) by route and status",
                                 ["route", "method", "status"], registry=self.registry)
         self.latency = Histogram("privlora_request_seconds", "Time to answer a request (or stream frame)", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.refusals = Counter("privlora_refusals", "Requests refused, by kind", ["kind"], registry=self.registry)
-        self.registry.register(_ServerState(server))
+        self.registry.register(_ServerState(hosting))
         ProcessCollector(registry=self.registry)  # resident memory, CPU seconds, open files
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:

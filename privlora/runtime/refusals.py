@@ -19,6 +19,10 @@ class RoundError(PrivloraError):
     """The round or group named by a request does not exist in this artifact."""
 
 
+class UnknownArtifactError(PrivloraError):
+    """The server does not host the artifact a request names (or hosts several and none was named)."""
+
+
 class RateLimitError(PrivloraError):
     """The session (or its account) sends requests faster than its rate limit."""
 
@@ -56,6 +60,7 @@ REFUSALS: dict[type[Exception], Refusal] = {
     BudgetError: Refusal(403, "budget_exhausted"),
     SessionError: Refusal(404, "unknown_session"),
     RoundError: Refusal(404, "unknown_round"),
+    UnknownArtifactError: Refusal(404, "unknown_artifact"),
     MessageOrderError: Refusal(409, "message_order"),
     TooLargeError: Refusal(413, "too_large"),
     RateLimitError: Refusal(429, "rate_limited"),

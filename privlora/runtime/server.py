@@ -31,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from privlora import backends
-from privlora.core.artifact import SERVER, artifact_id, load_bundle, read_server_program
+from privlora.core.artifact import SERVER, ArtifactError, artifact_id, load_bundle, read_server_program
 from privlora.core.types import GroupSpec, groups_from_rounds
 from privlora.runtime.accounts import Account, AccountStore
 from privlora.runtime.refusals import (AuthError, BudgetError, CapacityError, ForbiddenError, RateLimitError, RoundError,
-                                       SessionError)
+                                       SessionError, UnknownArtifactError)
 
 log = logging.getLogger("privlora.server")
+
+SESSION_PREFIX = 12  # hex digits of the artifact id that start each of its session ids
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class PrivateServer:
         bundle = load_bundle(artifact, SERVER)
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
+        self.name = manifest["adapter"]["name"]  # readable; the id is what names it exactly
+        self.session_prefix = self.artifact_id[:SESSION_PREFIX] + "."  # a hosting server routes sessions by it
         self.backend_name = manifest["backend"]["name"]
         self.groups: dict[tuple[str, int], GroupSpec] = {(g.round, g.index): g for g in groups_from_rounds(manifest["rounds"])}
         self.backend = backends.load(self.backend_name).Server(read_server_program(bundle), list(self.groups.values()),
@@ -109,13 +113,16 @@ class PrivateServer:
         log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
                                            "backend": self.backend_name, "groups": len(self.groups)})
 
-    def info(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """This artifact's entry in the health answer."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return {"artifact": self.artifact_id, "backend": self.backend_name, "messages": self.backend.messages,
-                "sessions": len(sessions), "accounts": self.accounts is not None,
-                "groups": len(self.groups), "session_key_bytes": sum(s.key_bytes for s in sessions),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"artifact": self.artifact_id, "name": self.name, "backend": self.backend_name,
+                "messages": self.backend.messages, "sessions": len(sessions), "groups": len(self.groups),
+                "session_key_bytes": sum(s.key_bytes for s in sessions)}
+
+    def info(self) -> dict[str, Any]:
+        return Hosting([self]).info()
 
     def account(self, authorization: str | None) -> Account | None:
         """The account an ``Authorization: Bearer <token>`` header names; None without accounts.
@@ -136,14 +143,14 @@ class PrivateServer:
 
     def open_session(self, evaluation_keys: bytes, account: Account | None = None) -> str:
         keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes
-        session_id = secrets.token_urlsafe(18)
+        session_id = f"{self.session_prefix}{secrets.token_urlsafe(18)}"
         now = time.monotonic()
         with self._lock:
             self._expire(now)
             self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now, _owner(account),
                                                  self._bucket(account))
             self._evict(session_id, account)
-        log.info("session opened", extra={"event": "open", "session": session_id[:8], "account": _owner(account),
+        log.info("session opened", extra={"event": "open", "session": _tag(session_id), "account": _owner(account),
                                           "key_bytes": len(evaluation_keys)})
         return session_id
 
@@ -153,7 +160,7 @@ class PrivateServer:
             if session is None or session.owner != _owner(account):
                 raise SessionError("unknown or expired session")
             del self._sessions[session_id]
-        log.info("session closed", extra={"event": "close", "session": session_id[:8]})
+        log.info("session closed", extra={"event": "close", "session": _tag(session_id)})
 
     def _bucket(self, account: Account | None) -> TokenBucket:
         if account is None:
@@ -166,7 +173,7 @@ class PrivateServer:
     def _expire(self, now: float) -> None:
         for session_id in [s for s, v in self._sessions.items() if now - v.last_used > self.limits.idle_seconds]:
             del self._sessions[session_id]
-            log.info("session expired", extra={"event": "expire", "session": session_id[:8]})
+            log.info("session expired", extra={"event": "expire", "session": _tag(session_id)})
 
     def _over_capacity(self) -> bool:
         return (len(self._sessions) > self.limits.max_sessions or
@@ -183,7 +190,7 @@ class PrivateServer:
         while own and (self._over_capacity() or (quota is not None and len(own) + 1 > quota)):
             session_id = own.pop(0)
             del self._sessions[session_id]
-            log.info("session evicted", extra={"event": "evict", "session": session_id[:8], "account": owner})
+            log.info("session evicted", extra={"event": "evict", "session": _tag(session_id), "account": owner})
         if self._over_capacity() and len(self._sessions) > 1:
             del self._sessions[new]
             log.info("server at capacity", extra={"event": "capacity", "account": owner})
@@ -214,13 +221,13 @@ class PrivateServer:
         """Rate limit (token bucket) and query budget; raises before any work is done."""
         with self._lock:
             if not session.bucket.take(time.monotonic()):
-                log.info("rate limited", extra={"event": "rate_limit", "session": session_id[:8], "account": session.owner})
+                log.info("rate limited", extra={"event": "rate_limit", "session": _tag(session_id), "account": session.owner})
                 rate = session.bucket.rate
                 raise RateLimitError(f"too many requests: at most {rate:g} per second per "
                                      f"{'account' if account else 'session'}")
             if account is None:
                 if self.limits.max_rows is not None and session.rows + rows > self.limits.max_rows:
-                    log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8]})
+                    log.info("budget exhausted", extra={"event": "budget", "session": _tag(session_id)})
                     raise BudgetError(f"query budget exhausted: {session.rows} of {self.limits.max_rows} rows used; "
                                       "open a new session")
                 session.rows += rows
@@ -229,7 +236,7 @@ class PrivateServer:
         try:
             self.accounts.charge(account, self.artifact_id, (site.module for site in group.sites), rows)
         except BudgetError:
-            log.info("budget exhausted", extra={"event": "budget", "session": session_id[:8], "account": account.name})
+            log.info("budget exhausted", extra={"event": "budget", "session": _tag(session_id), "account": account.name})
             raise
 
     def evaluate(self, session_id: str, round_name: str, index: int, message: int, payload: bytes,
@@ -243,10 +250,71 @@ class PrivateServer:
         start = time.perf_counter()
         reply = self.backend.evaluate(group, request, session.keys)
         session.rounds += 1
-        log.debug("round", extra={"event": "round", "session": session_id[:8], "round": group.key,
+        log.debug("round", extra={"event": "round", "session": _tag(session_id), "round": group.key,
                                   "message_index": message, "bytes_in": len(payload), "bytes_out": len(reply),
                                   "ms": round(1000 * (time.perf_counter() - start), 2)})
         return reply
+
+
+class Hosting:
+    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each with its own
+    sessions, limits and budgets, sharing one accounts database. A session id starts with its
+    artifact's id prefix, so a request naming a session reaches the right artifact."""
+
+    def __init__(self, servers: list[PrivateServer]) -> None:
+        self.servers = {server.artifact_id: server for server in servers}
+        if len(self.servers) != len(servers):
+            raise ArtifactError("the same artifact is named twice")
+        self._by_prefix = {server.session_prefix: server for server in servers}
+        if len(self._by_prefix) != len(servers):  # two ids sharing 12 hex digits: 2^-48
+            raise ArtifactError("two artifacts share their id prefix")
+        self.first = servers[0]
+        self.accounts = self.first.accounts
+
+    def artifact(self, artifact: str | None) -> PrivateServer:
+        """The hosted artifact of this id (or unique id prefix); with one hosted, None names it."""
+        if artifact is None:
+            if len(self.servers) == 1:
+                return self.first
+            raise UnknownArtifactError(f"this server hosts {len(self.servers)} artifacts: name one (artifact=<id>)")
+        matches = [server for artifact_id, server in self.servers.items() if artifact_id.startswith(artifact)]
+        if len(matches) != 1 or not artifact:
+            raise UnknownArtifactError(f"no artifact {artifact[:16]!r} on this server")
+        return matches[0]
+
+    def session(self, session_id: str) -> PrivateServer:
+        server = self._by_prefix.get(session_id[:SESSION_PREFIX + 1])
+        if server is None:
+            raise SessionError("unknown or expired session")
+        return server
+
+    # The routes' work, the caller authenticated first (so that a stranger learns nothing of sessions).
+    def open_session(self, authorization: str | None, artifact: str | None, evaluation_keys: bytes) -> str:
+        account = self.first.account(authorization)
+        return self.artifact(artifact).open_session(evaluation_keys, account)
+
+    def close_session(self, authorization: str | None, session_id: str) -> None:
+        account = self.first.account(authorization)
+        self.session(session_id).close_session(session_id, account)
+
+    def evaluate(self, authorization: str | None, session_id: str, round_name: str, index: int, message: int,
+                 payload: bytes) -> bytes:
+        account = self.first.account(authorization)
+        return self.session(session_id).evaluate(session_id, round_name, index, message, payload, account)
+
+    def info(self) -> dict[str, Any]:
+        """The health answer: every hosted artifact, and with one, its fields at the top level too."""
+        artifacts = [server.describe() for server in self.servers.values()]
+        single = artifacts[0] if len(artifacts) == 1 else {}
+        return {**single, "artifacts": artifacts, "accounts": self.accounts is not None,
+                "sessions": sum(a["sessions"] for a in artifacts),
+                "session_key_bytes": sum(a["session_key_bytes"] for a in artifacts),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _tag(session_id: str) -> str:
+    """A session's short name in logs: 8 characters of its random part, never the whole id."""
+    return session_id.rpartition(".")[2][:8]
 
 
 def _owner(account: Account | None) -> str | None:

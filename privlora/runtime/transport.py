@@ -67,7 +67,7 @@ class TransportError(PrivloraError):
 
 class Transport(Protocol):
     def info(self) -> dict[str, Any]: ...
-    def open_session(self, evaluation_keys: bytes) -> str: ...
+    def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str: ...
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes: ...
     def close_session(self, session: str) -> None: ...
     def forget(self, session: str) -> None: ...  # drop local state of a session the server lost
@@ -93,7 +93,7 @@ class InProcessTransport:
                 raise
             raise TransportError(f"server refused: {refusal.status} {exc}", refusal.status, refusal.code) from exc
 
-    def open_session(self, evaluation_keys: bytes) -> str:
+    def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str:
         return self._call(self.server.open_session, evaluation_keys, self.account)
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
@@ -143,13 +143,13 @@ class HttpTransport:
         self.client = httpx.Client(base_url=self.url + API, timeout=timeout, headers=credentials.headers(),
                                    verify=verify)
 
-    def _request(self, method: str, path: str, content: bytes | None = None):
+    def _request(self, method: str, path: str, content: bytes | None = None, params: dict[str, str] | None = None):
         import httpx
 
         headers = {"content-type": "application/octet-stream"} if content is not None else None
         for attempt in range(2):
             try:
-                response = self.client.request(method, path, content=content, headers=headers)
+                response = self.client.request(method, path, content=content, headers=headers, params=params)
                 break
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # A kept-alive connection the server closed as we reused it. Every request here may
@@ -167,8 +167,10 @@ class HttpTransport:
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/health").json()
 
-    def open_session(self, evaluation_keys: bytes) -> str:
-        return self._request("POST", "/sessions", evaluation_keys).json()["session"]
+    def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str:
+        """A session on ``artifact`` (its id), which a server hosting several needs."""
+        params = {"artifact": artifact} if artifact else None
+        return self._request("POST", "/sessions", evaluation_keys, params).json()["session"]
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
         return self._request("POST", f"/sessions/{session}/rounds/{round_name}/{index}/{message}", payload).content

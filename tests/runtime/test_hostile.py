@@ -324,9 +324,9 @@ def test_logs_and_errors_carry_no_payload_and_the_secret_key_is_never_sent(artif
     wire: list[bytes] = []
 
     class Recording(InProcessTransport):
-        def open_session(self, keys):
+        def open_session(self, keys, artifact=None):
             wire.append(keys)
-            return super().open_session(keys)
+            return super().open_session(keys, artifact)
 
         def evaluate(self, session, round_name, index, message, payload):
             reply = super().evaluate(session, round_name, index, message, payload)

@@ -41,9 +41,9 @@ class RecordingTransport(HttpTransport):
         self.requests: list[bytes] = []
         self.replies: list[bytes] = []
 
-    def open_session(self, evaluation_keys: bytes) -> str:
+    def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str:
         self.keys = evaluation_keys
-        return super().open_session(evaluation_keys)
+        return super().open_session(evaluation_keys, artifact)
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
         reply = super().evaluate(session, round_name, index, message, payload)

@@ -115,7 +115,8 @@ def test_every_account_refusal_over_http_and_the_stream(build, accounts, expecte
                             ("budget_exhausted", 1), ("rate_limited", 1), ("at_capacity", 1)):
             assert f'privlora_refusals_total{{kind="{kind}"}} {count}.0' in text, "\n".join(l for l in text.splitlines() if "refusals_total" in l)
         rows = 2 * (len(PROMPT) + len(expected) - 1)  # two answers
-        assert f'privlora_account_rows{{account="alice"}} {rows}.0' in text
+        artifact = client.artifact_id[:16]
+        assert f'privlora_account_rows{{account="alice",artifact="{artifact}"}} {rows}.0' in text
         assert 'privlora_account_budget_rows{account="alice"} 20000.0' in text
         assert "privlora_open_sessions 3.0" in text and "privlora_session_key_bytes" in text
         assert 'privlora_requests_total{method="FRAME",route="/v1/sessions/{session}/stream",status="200"}' in text

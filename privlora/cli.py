@@ -24,7 +24,8 @@ from privlora.runtime.transport import TRANSPORTS
 
 
 # The install role (pyproject extra) each command needs; the others need the full `compile` set.
-ROLES = {"generate": "client", "inspect": "client", "serve": "server", "accounts": "server"}
+ROLES = {"generate": "client", "chat": "client", "inspect": "client", "gateway": "gateway", "serve": "server",
+         "accounts": "server"}
 TOKEN_ENV_VAR = "PRIVLORA_TOKEN"
 
 
@@ -305,6 +306,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assistants(args: argparse.Namespace) -> list:
+    """One assistant per artifact: on ``--server`` (which hosts them all), else each on an
+    in-process server of its own."""
+    from privlora.runtime.assistant import Assistant
+    from privlora.runtime.server import LOCAL, PrivateServer
+    from privlora.runtime.transport import InProcessTransport, http_transport
+
+    credentials = _credentials(args) if args.server else None
+    return [Assistant(artifact, http_transport(args.server, args.transport, credentials) if args.server
+                      else InProcessTransport(PrivateServer(artifact, LOCAL)))
+            for artifact in args.artifact]
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from privlora.runtime.gateway import create_gateway
+
+    assistants = _assistants(args)
+    app = create_gateway(assistants)
+    print(f"privlora gateway: models {', '.join(a.name for a in assistants)} on http://{args.host}:{args.port}/v1 "
+          f"(secure generation through {args.server or 'an in-process server'}; Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from privlora.runtime.chat import ChatSession, run_chat
+
+    (assistant,) = _assistants(args)
+    session = ChatSession(assistant, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    run_chat(session)
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from privlora.loadtest import ServerProcess, run_load, wait_for_server
 
@@ -389,6 +426,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _add_server(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="privlora server hosting the artifacts (e.g. https://server:8000); default: an "
+                             "in-process server")
+    parser.add_argument("--transport", default="stream", choices=TRANSPORTS,
+                        help="with --server: stream (one WebSocket per session) or http (one request per message)")
+    _add_credentials(parser)
 
 
 def _add_credentials(parser: argparse.ArgumentParser) -> None:
@@ -530,6 +576,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
     gen.add_argument("--stats-json", default=None, metavar="PATH",
                      help="also write the generated token ids and the prefill and mean decode timings as JSON")
+
+    gateway = command("gateway", cmd_gateway,
+                      "an OpenAI-compatible API (chat completions, streaming) on this machine, with secure "
+                      "generation behind it: prompts are encrypted here, the adapters stay on the server")
+    gateway.add_argument("artifact", nargs="+", help="artifact directories (each a model, named by its directory)")
+    _add_server(gateway)
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    gateway.add_argument("--port", type=PORT, default=8080, help="port to listen on")
+
+    chat = command("chat", cmd_chat, "an interactive chat in the terminal, with secure generation")
+    chat.add_argument("artifact", nargs=1, help="artifact directory")
+    _add_server(chat)
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
+    chat.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, metavar="N", help="the longest answer")
+    chat.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, metavar="T",
+                      help="0: greedy decoding; T > 0: sample from softmax(logits / T)")
+    chat.add_argument("--top-p", type=PROBABILITY, default=1.0, metavar="P", help="nucleus sampling mass, in (0, 1]")
+    chat.add_argument("--seed", type=int, default=None, metavar="INT", help="sampling seed (default: random)")
 
     load = command("loadtest", cmd_loadtest,
                    "K concurrent clients with their own keys generate M tokens each over HTTP on loopback")

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +143,10 @@ class ServerProcess:
     """``privlora serve`` in its own process (so that its memory is its own and it can be
     killed), on a fixed port so that a restart comes back at the same address."""
 
-    def __init__(self, artifact: str | Path, *options: str, port: int | None = None, scheme: str = "http") -> None:
-        self.command = [sys.executable, "-m", "privlora.cli", "serve", str(artifact), "--log-level", "warning",
+    def __init__(self, artifact: str | Path | Sequence[str | Path], *options: str, port: int | None = None,
+                 scheme: str = "http") -> None:
+        hosted = [artifact] if isinstance(artifact, (str, Path)) else list(artifact)
+        self.command = [sys.executable, "-m", "privlora.cli", "serve", *map(str, hosted), "--log-level", "warning",
                         *options]
         self.port = port or free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"

@@ -118,7 +118,8 @@ def test_client_and_server_import_no_compiler_stack(tmp_path):
     libraries may end up in sys.modules."""
     modules = ["privlora.runtime.client", "privlora.runtime.server", "privlora.runtime.http",
                "privlora.runtime.transport", "privlora.runtime.generation", "privlora.core.inspection",
-               "privlora.backends.ckks", "privlora.backends.plain", "privlora.backends.reference"]
+               "privlora.runtime.gateway", "privlora.runtime.chat", "privlora.runtime.accounts",
+               "privlora.runtime.metrics", "privlora.loadtest", "privlora.backends.bfv", "privlora.backends.ckks", "privlora.backends.plain", "privlora.backends.reference"]
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {{'torch', 'transformers', 'peft'}} "
             f"or m.startswith('concrete')))")

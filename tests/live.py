@@ -14,7 +14,7 @@ from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
 from privlora.runtime.generation import GenerationConfig, generate
 from privlora.runtime.accounts import AccountStore
-from privlora.runtime.http import KEEP_ALIVE_SECONDS, BodyLimits, create_app
+from privlora.runtime.http import KEEP_ALIVE_SECONDS, UVICORN_PROTOCOLS, BodyLimits, create_app
 from privlora.runtime.server import PrivateServer, SessionLimits
 
 
@@ -25,7 +25,7 @@ class LiveServer:
                  accounts: AccountStore | None = None) -> None:
         self.port = free_port()
         self.private = PrivateServer(artifact, session_limits, accounts)
-        config = uvicorn.Config(create_app(self.private, limits), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(create_app(self.private, limits), host="127.0.0.1", port=self.port, **UVICORN_PROTOCOLS,
                                 log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                                 ws_max_size=limits.round, ws_ping_interval=None)
         self.server = uvicorn.Server(config)

@@ -64,6 +64,9 @@ class BodyLimits:
 # default of 5 s would close its connection under load (seen as "connection reset" in CI).
 KEEP_ALIVE_SECONDS = 120
 SHUTDOWN_GRACE_SECONDS = 60.0  # the longest a SIGTERM waits for in-flight work
+# The same protocol implementations whichever extras are installed (Ray Serve's uvicorn[standard]
+# brings httptools and uvloop), so that behaviour and figures do not depend on the install role.
+UVICORN_PROTOCOLS: dict[str, str] = {"http": "h11", "loop": "asyncio", "ws": "websockets"}
 
 
 class Drain:
@@ -301,7 +304,7 @@ def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_l
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
     app = create_app(hosting)
     # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS,
                             timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=BodyLimits().round, ws_ping_interval=None,
                             ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)

@@ -80,14 +80,85 @@ class TokenBucket:
 
 @dataclass
 class Session:
-    keys: Any  # the backend's session object
+    """One client's session: its keys (the backend's session object, or the raw bytes in Ray's
+    directory) and what the server's rules need to know of it."""
+
+    keys: Any
     key_bytes: int
-    created: float
-    last_used: float
     owner: str | None  # the account's name; None without accounts
-    bucket: TokenBucket  # the session's own, or its account's (shared by the account's sessions)
+    bucket: TokenBucket | None = None  # the session's own rate limit, or its account's (shared)
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
     rounds: int = 0
     rows: int = 0  # without accounts: rows sent in this session, for the per-session budget
+
+
+class SessionTable:
+    """Sessions by id, and the rules that bound them: idle expiry, a bound on their number and on
+    their key bytes, each account's quota. Only a session's owner may use or close it, and
+    making room evicts least recently used sessions of the same owner only: without accounts
+    every session has the same (no) owner, so any may go; with accounts, when the owner has
+    nothing left to evict, the new session is refused (503) rather than another account's
+    dropped. One server keeps one; Ray's replicas share one in the session directory."""
+
+    def __init__(self, limits: SessionLimits) -> None:
+        self.limits = limits
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def add(self, session_id: str, session: Session, quota: int | None) -> list[str]:
+        """Insert ``session``, making room as the rules say; the ids evicted to make it."""
+        with self._lock:
+            self._expire(time.monotonic())
+            self._sessions[session_id] = session
+            return self._make_room(session_id, session.owner, quota)
+
+    def get(self, session_id: str, owner: str | None) -> Session:
+        """The session, marked as just used; SessionError if unknown, expired or another's."""
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:  # another account's session: as if unknown
+                raise SessionError("unknown or expired session")
+            session.last_used = now
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def remove(self, session_id: str, owner: str | None) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
+                raise SessionError("unknown or expired session")
+            del self._sessions[session_id]
+
+    def _expire(self, now: float) -> None:
+        for session_id in [s for s, v in self._sessions.items() if now - v.last_used > self.limits.idle_seconds]:
+            del self._sessions[session_id]
+            log.info("session expired", extra={"event": "expire", "session": _tag(session_id)})
+
+    def _over_capacity(self) -> bool:
+        return (len(self._sessions) > self.limits.max_sessions or
+                sum(s.key_bytes for s in self._sessions.values()) > self.limits.max_key_bytes)
+
+    def _make_room(self, new: str, owner: str | None, quota: int | None) -> list[str]:
+        own = [s for s, v in self._sessions.items() if v.owner == owner and s != new]
+        evicted = []
+        while own and (self._over_capacity() or (quota is not None and len(own) + 1 > quota)):
+            session_id = own.pop(0)
+            del self._sessions[session_id]
+            evicted.append(session_id)
+            log.info("session evicted", extra={"event": "evict", "session": _tag(session_id), "account": owner})
+        if self._over_capacity() and len(self._sessions) > 1:
+            del self._sessions[new]
+            log.info("server at capacity", extra={"event": "capacity", "account": owner})
+            raise CapacityError(f"the server holds its maximum of sessions ({self.limits.max_sessions}) or of key "
+                                "bytes; retry later")
+        return evicted
 
 
 LOCAL = SessionLimits(max_rows=None, rate=None)  # the embedded in-process server: the user's own
@@ -107,7 +178,7 @@ class PrivateServer:
                                                                manifest["backend"]["parameters"])
         self.limits = limits
         self.accounts = accounts
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions = SessionTable(limits)
         self._account_buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
         log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
@@ -115,8 +186,7 @@ class PrivateServer:
 
     def describe(self) -> dict[str, Any]:
         """This artifact's entry in the health answer."""
-        with self._lock:
-            sessions = list(self._sessions.values())
+        sessions = self.sessions.sessions()
         return {"artifact": self.artifact_id, "name": self.name, "backend": self.backend_name,
                 "messages": self.backend.messages, "sessions": len(sessions), "groups": len(self.groups),
                 "session_key_bytes": sum(s.key_bytes for s in sessions)}
@@ -141,25 +211,22 @@ class PrivateServer:
         if account is not None and not account.admin:
             raise ForbiddenError(f"account {account.name!r} is not an admin account")
 
+    def new_session_id(self) -> str:
+        return f"{self.session_prefix}{secrets.token_urlsafe(18)}"
+
     def open_session(self, evaluation_keys: bytes, account: Account | None = None) -> str:
         keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes
-        session_id = f"{self.session_prefix}{secrets.token_urlsafe(18)}"
-        now = time.monotonic()
+        session_id = self.new_session_id()
         with self._lock:
-            self._expire(now)
-            self._sessions[session_id] = Session(keys, len(evaluation_keys), now, now, _owner(account),
-                                                 self._bucket(account))
-            self._evict(session_id, account)
+            bucket = self._bucket(account)
+        self.sessions.add(session_id, Session(keys, len(evaluation_keys), _owner(account), bucket),
+                          account.limits.max_sessions if account else None)
         log.info("session opened", extra={"event": "open", "session": _tag(session_id), "account": _owner(account),
                                           "key_bytes": len(evaluation_keys)})
         return session_id
 
     def close_session(self, session_id: str, account: Account | None = None) -> None:
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != _owner(account):
-                raise SessionError("unknown or expired session")
-            del self._sessions[session_id]
+        self.sessions.remove(session_id, _owner(account))
         log.info("session closed", extra={"event": "close", "session": _tag(session_id)})
 
     def _bucket(self, account: Account | None) -> TokenBucket:
@@ -170,43 +237,8 @@ class PrivateServer:
             bucket = self._account_buckets[account.name] = TokenBucket(account.limits.rate, account.limits.burst)
         return bucket
 
-    def _expire(self, now: float) -> None:
-        for session_id in [s for s, v in self._sessions.items() if now - v.last_used > self.limits.idle_seconds]:
-            del self._sessions[session_id]
-            log.info("session expired", extra={"event": "expire", "session": _tag(session_id)})
-
-    def _over_capacity(self) -> bool:
-        return (len(self._sessions) > self.limits.max_sessions or
-                sum(s.key_bytes for s in self._sessions.values()) > self.limits.max_key_bytes)
-
-    def _evict(self, new: str, account: Account | None) -> None:
-        """Make room for session ``new``, evicting least recently used sessions of the same owner
-        only: first down to the account's quota, then until the server's bounds hold. Without
-        accounts every session has the same (no) owner, so any may go. When the owner has nothing
-        left to evict, the new session is refused (503) rather than another account's dropped."""
-        owner = _owner(account)
-        own = [s for s, v in self._sessions.items() if v.owner == owner and s != new]
-        quota = account.limits.max_sessions if account is not None else None
-        while own and (self._over_capacity() or (quota is not None and len(own) + 1 > quota)):
-            session_id = own.pop(0)
-            del self._sessions[session_id]
-            log.info("session evicted", extra={"event": "evict", "session": _tag(session_id), "account": owner})
-        if self._over_capacity() and len(self._sessions) > 1:
-            del self._sessions[new]
-            log.info("server at capacity", extra={"event": "capacity", "account": owner})
-            raise CapacityError(f"the server holds its maximum of sessions ({self.limits.max_sessions}) or of key "
-                                "bytes; retry later")
-
     def _session(self, session_id: str, account: Account | None) -> Session:
-        now = time.monotonic()
-        with self._lock:
-            self._expire(now)
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != _owner(account):  # another account's session: as if unknown
-                raise SessionError("unknown or expired session")
-            session.last_used = now
-            self._sessions.move_to_end(session_id)
-            return session
+        return self.sessions.get(session_id, _owner(account))
 
     def group(self, round_name: str, index: int, message: int = 0) -> GroupSpec:
         group = self.groups.get((round_name, index))

@@ -87,10 +87,12 @@ def extract_bfv(lora_a: np.ndarray, lora_b: np.ndarray, scaling: float, sigma: f
     send = local_send(server, group, server.open_session(client.evaluation_keys()))
     x_max = 2 ** (client.pll.x_bits - 1) - 1
     x_hat = rng.integers(-x_max, x_max + 1, size=(queries, site.d_in))
-    first = client._layout(group, 0, queries)  # the attacker drives the protocol by hand
-    masked = client._receive(first, send(0, client._send(first, np.mod(x_hat, client.modulus).astype(np.uint64))))
+    first, exchange = client._layout(group, 0, queries), 1  # the attacker drives the protocol by hand
+    masked = client._receive(first, send(0, client._send(first, np.mod(x_hat, client.modulus).astype(np.uint64),
+                                                         exchange)))
     second = client._layout(group, 1, queries)
-    y = centred(client._receive(second, send(1, client._send(second, masked))).astype(np.int64), client.modulus)
+    y = centred(client._receive(second, send(1, client._send(second, masked, exchange))).astype(np.int64),
+                client.modulus)
     a_hat, b_hat = (build.server_tensors[f"{group.key}.{name}"].astype(np.float64) for name in ("a_hat", "b_hat"))
     return {"bfv-reply": _score(_low_rank_fit(x_hat, y, site.rank), a_hat.T @ b_hat.T),
             "bfv-intermediate": _score(_low_rank_fit(x_hat, centred(masked.astype(np.int64), client.modulus),

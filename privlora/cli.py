@@ -204,11 +204,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
                            max_rows=args.max_rows or None, rate=args.rate or None, burst=args.burst)
     scheme = "https" if tls else "http"
-    print(f"privlora server: {', '.join(args.artifact)} on {scheme}://{args.host}:{args.port} (Ctrl-C to stop)",
-          file=sys.stderr)
+    engine = f"Ray Serve ({_scaling_text(args)})" if args.ray else "uvicorn"
+    print(f"privlora server: {', '.join(args.artifact)} on {scheme}://{args.host}:{args.port} with {engine} "
+          "(Ctrl-C to stop)", file=sys.stderr)
+    if args.ray:
+        from privlora.runtime.http import configure_logging
+        from privlora.runtime.ray_serving import Scaling, serve_with_ray
+
+        configure_logging(args.log_level)
+        scaling = Scaling(replicas=args.replicas, autoscale=tuple(args.autoscale) if args.autoscale else None,
+                          cpus_per_replica=args.cpus_per_replica)
+        serve_with_ray(args.artifact, args.host, args.port, limits, args.accounts, scaling, args.address, tls)
+        return 0
+    if args.replicas != 1 or args.autoscale or args.address:
+        raise UsageError("--replicas, --autoscale and --address need --ray")
     serve(args.artifact, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
           accounts=args.accounts, tls=tls)
     return 0
+
+
+def _scaling_text(args: argparse.Namespace) -> str:
+    if args.autoscale:
+        return f"{args.autoscale[0]} to {args.autoscale[1]} replicas"
+    return f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:
@@ -549,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "quotas and rate limits are then each account's own, persisted across restarts")
     serve.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate (chain)")
     serve.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve with Ray Serve: replicas in processes of their own, on every core and machine")
+    serve.add_argument("--replicas", type=POSITIVE_INT, default=1, metavar="K", help="with --ray: replicas")
+    serve.add_argument("--autoscale", type=POSITIVE_INT, nargs=2, default=None, metavar=("MIN", "MAX"),
+                       help="with --ray: scale between MIN and MAX replicas with the requests in flight")
+    serve.add_argument("--cpus-per-replica", type=POSITIVE, default=1.0, metavar="CPUS",
+                       help="with --ray: CPUs Ray reserves for each replica")
+    serve.add_argument("--address", default=None,
+                       help="with --ray: the Ray cluster to join ('auto': the one on this machine; default: start one)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="JSON log level on stderr (debug logs every round: sizes and timings, never payloads)")
 

@@ -12,7 +12,7 @@ Per group, with integers mod a power of two p (the PLL of docs/pll.md):
 
 - message 0: the client sends ``x_hat`` (rows quantised to ``x_bits``); the server multiplies by
   ``A_hat`` (pre-encoded in NTT form), adds a fresh uniform mask to **every** coefficient (``t`` at
-  the output positions, which it keeps for exactly one message 1 of this session; the other
+  the output positions, which it keeps for exactly one message 1 of this session and exchange; the other
   coefficients carry cross terms of the product and are hidden for good), re-randomises with a
   fresh public-key encryption of zero and switches to the smallest modulus. The client decrypts
   ``h' = A_hat x_hat + t mod p``: uniformly random to it.
@@ -20,6 +20,12 @@ Per group, with integers mod a power of two p (the PLL of docs/pll.md):
   ``-B_hat t + e`` at the output positions (``e`` the PLL error) and fresh uniform values elsewhere,
   re-randomises and switches. The client decrypts ``y = B_hat A_hat x_hat + e mod p`` exactly,
   centres it and rescales.
+
+Both messages carry the row count and an exchange id the client draws at random for the group's
+exchange: ``t`` is kept under (group, exchange). A message 0 sent again after a lost connection
+may still be evaluated after its resend; without the id, the stale one could overwrite the ``t``
+the resend's message 1 needs, and the answer would come back wrong (the fault soak found it).
+At most PENDING_PER_GROUP exchanges wait per group and session; older ones are dropped.
 
 ``p`` is sized by the compiler from the actual weights' worst case over every encodable input
 plus the error's tail (:func:`privlora.backends.pll.quantize_group`): no input can wrap it.
@@ -37,6 +43,7 @@ import collections
 import dataclasses
 import functools
 import math
+import secrets
 import struct
 import threading
 import time
@@ -64,7 +71,8 @@ ZERO_POOL = 128
 # Block shapes whose encoded weights are kept per group and message (a decode step and a couple
 # of prompt lengths use 1-3); others are encoded again when asked for.
 ENCODED_LAYOUTS = 4
-_ROWS = struct.Struct("<I")
+PENDING_PER_GROUP = 4  # message 0s awaiting their message 1, per group and session
+_HEADER = struct.Struct("<IQ")  # rows, exchange id
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,7 @@ CLIENT_PARAMS = frozenset({"backend", "pll", "privacy", "plain_modulus", "groups
 class ClientState:
     scale: np.ndarray  # each row's quantisation scale c (0 for a zero row)
     leading: tuple[int, ...]
+    exchange: int = field(default_factory=lambda: secrets.randbits(64))  # names t on the server
 
     @property
     def rows(self) -> int:
@@ -284,11 +293,11 @@ class Client:
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 
-    def _send(self, layout: Layout, values: np.ndarray) -> bytes:
+    def _send(self, layout: Layout, values: np.ndarray, exchange: int) -> bytes:
         """Encrypt ``values`` [rows, d_in] (mod p) in the layout's input polynomials (seeded: half size)."""
         polys = layout.encode(values).reshape(-1, layout.degree)
         blobs = [sealx.to_bytes(self.encryptor.encrypt_symmetric(sealx.plaintext(self.ctx, poly))) for poly in polys]
-        return frame([_ROWS.pack(layout.rows), *blobs])
+        return frame([_HEADER.pack(layout.rows, exchange), *blobs])
 
     def _receive(self, layout: Layout, reply: bytes) -> np.ndarray:
         """The ``[rows, d_out]`` outputs (mod p) of a reply."""
@@ -305,13 +314,13 @@ class Client:
         rows, leading = rows_of(x, group.d_in)
         x_hat, scale = encode_input(rows, self.pll.x_bits)
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
-        layout = self._layout(group, 0, len(rows))
-        return self._send(layout, np.mod(x_hat, self.modulus).astype(np.uint64)), ClientState(scale, leading)
+        layout, state = self._layout(group, 0, len(rows)), ClientState(scale, leading)
+        return self._send(layout, np.mod(x_hat, self.modulus).astype(np.uint64), state.exchange), state
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: ClientState) -> tuple[bytes, ClientState]:
         check_message(message + 1, self.messages)
         masked = self._receive(self._layout(group, 0, state.rows), reply)  # h' = A x + t: uniform
-        return self._send(self._layout(group, 1, state.rows), masked), state
+        return self._send(self._layout(group, 1, state.rows), masked, state.exchange), state
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: ClientState) -> np.ndarray:
         y = self._receive(self._layout(group, 1, state.rows), reply).astype(np.int64)
@@ -368,17 +377,22 @@ class Session:
     between message 0 and message 1."""
 
     zeros: ZeroPool
-    pending: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    pending: dict[tuple[str, int], tuple[int, np.ndarray]] = field(default_factory=dict)  # (group, exchange)
+    waiting: dict[str, collections.deque] = field(default_factory=dict)  # each group's exchanges, oldest first
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def keep(self, key: str, rows: int, mask: np.ndarray) -> None:
+    def keep(self, key: str, exchange: int, rows: int, mask: np.ndarray) -> None:
         with self.lock:
-            self.pending[key] = (rows, mask)
+            self.pending[(key, exchange)] = (rows, mask)
+            waiting = self.waiting.setdefault(key, collections.deque())
+            waiting.append(exchange)
+            while len(waiting) > PENDING_PER_GROUP:
+                self.pending.pop((key, waiting.popleft()), None)
 
-    def take(self, key: str, rows: int) -> np.ndarray:
-        """The mask of this group's message 0, once: a replayed or early message 1 finds none."""
+    def take(self, key: str, exchange: int, rows: int) -> np.ndarray:
+        """The mask of this exchange's message 0, once: a replayed or early message 1 finds none."""
         with self.lock:
-            pending = self.pending.pop(key, None)
+            pending = self.pending.pop((key, exchange), None)
         if pending is None:
             raise MessageOrderError(f"message 1 of {key} without a pending message 0 (out of order or replayed)")
         if pending[0] != rows:
@@ -470,9 +484,9 @@ class Server:
     def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
         check_message(message, self.messages)
         blobs = unframe(payload)
-        if not blobs or len(blobs[0]) != _ROWS.size:
-            raise PayloadError("malformed payload: no row count")
-        (rows,) = _ROWS.unpack(blobs[0])
+        if not blobs or len(blobs[0]) != _HEADER.size:
+            raise PayloadError("malformed payload: no row count and exchange id")
+        rows, exchange = _HEADER.unpack(blobs[0])
         if rows > MAX_ROWS:
             raise PayloadError(f"malformed payload: a request carries at most {MAX_ROWS} rows")
         layout = self._layout(group, message, rows)
@@ -480,7 +494,7 @@ class Server:
             raise PayloadError(f"malformed payload: {rows} rows take {layout.input_ciphertexts} ciphertexts, "
                                f"got {len(blobs) - 1}")
         inputs = [self._load_input(blob) for blob in blobs[1:]]
-        return Request(message, rows if message == 0 else 0, (layout, inputs))
+        return Request(message, rows if message == 0 else 0, (layout, exchange, inputs))
 
     def _load_input(self, blob: bytes) -> seal.Ciphertext:
         ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")
@@ -550,13 +564,13 @@ class Server:
             return self._evaluate(group, request, session)
 
     def _evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
-        layout, inputs = request.data
+        layout, exchange, inputs = request.data
         fill = self._uniform(layout)  # every coefficient of a reply is masked
         if request.message == 0:
-            session.keep(group.key, layout.rows, layout.gather(fill[..., layout.outputs]))
+            session.keep(group.key, exchange, layout.rows, layout.gather(fill[..., layout.outputs]))
             added = fill
         else:
-            mask = session.take(group.key, layout.rows)
+            mask = session.take(group.key, exchange, layout.rows)
             _, b_hat = self.matrices[group.key]
             error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
             correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)

@@ -49,7 +49,7 @@ from privlora.runtime.accounts import AccountStore
 from privlora.runtime.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.runtime.refusals import REFUSALS, TooLargeError, refusal_of
 from privlora.runtime.server import Hosting, PrivateServer, SessionLimits
-from privlora.runtime.transport import API, read_stream_request, stream_reply
+from privlora.runtime.transport import API, HEARTBEAT, HEARTBEAT_SECONDS, read_stream_request, stream_reply
 
 log = logging.getLogger("privlora.server")
 
@@ -195,7 +195,8 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
     async def stream(socket: WebSocket, session: str) -> None:
         """The same messages as the round route, one binary frame each way on one connection. A
         frame larger than the round limit closes the connection (1009, "message too big"); a
-        shutdown closes it (1012) after answering the frame in flight."""
+        shutdown closes it (1012) after answering the frame in flight. While a frame takes longer
+        than a heartbeat period, heartbeat frames (status 102) tell the client the server lives."""
         answer = partial(answer_frame, hosting, session, socket.headers.get("authorization"))
         await socket.accept()
         try:
@@ -204,7 +205,7 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
                 start = time.perf_counter()
                 drain.in_flight += 1
                 try:
-                    status, reply = await answer(frame)
+                    status, reply = await _with_heartbeats(socket, answer(frame))
                 finally:
                     drain.in_flight -= 1
                 if status >= 400:
@@ -216,6 +217,18 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
             return
 
     return app
+
+
+async def _with_heartbeats(socket: WebSocket, work: Any) -> tuple[int, bytes]:
+    """Await ``work``, sending a heartbeat frame every period it takes: a client waiting on a
+    stream cannot otherwise tell a long evaluation from a server that died behind a proxy
+    (Ray Serve's keeps the client's WebSocket open when a replica dies)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+        if done:
+            return task.result()
+        await socket.send_bytes(stream_reply(HEARTBEAT, b""))
 
 
 async def answer_frame(hosting: Hosting, session: str, authorization: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,13 @@ if TYPE_CHECKING:  # the CLI reads this module's names at start-up: no server im
 
 API = "/v1"
 TRANSPORTS = ("stream", "http")
+
+# While a frame is being evaluated, the server sends a heartbeat frame (this status, no body)
+# every HEARTBEAT_SECONDS; a client that hears nothing for STALL_SECONDS takes the connection
+# for dead and sends the message again on a new one.
+HEARTBEAT = 102
+HEARTBEAT_SECONDS = 5.0
+STALL_SECONDS = 20.0
 
 # A stream frame: the round name's length, the round name, the group index and the message index,
 # then the payload; a reply frame: the HTTP status code, then the reply (or a JSON error).
@@ -61,8 +69,10 @@ class TransportError(PrivloraError):
     @property
     def recoverable(self) -> bool:
         """A lost connection or session, a restarting or full server, a replay refused after a
-        lost reply: worth redoing the step (see ``SecureClient``)."""
-        return self.status is None or self.code in RECOVERABLE_CODES
+        lost reply, a proxy in front of the server failing (Ray Serve's, when a replica dies):
+        worth redoing the step (see ``SecureClient``). privlora's own errors carry a code."""
+        infrastructure = self.code is None and self.status in (500, 502, 503, 504)  # a proxy's, not privlora's
+        return self.status is None or self.code in RECOVERABLE_CODES or infrastructure
 
 
 class Transport(Protocol):
@@ -192,6 +202,7 @@ class StreamTransport(HttpTransport):
         super().__init__(url, credentials, timeout)
         self.ws_url = "ws" + self.url.removeprefix("http") + API
         self.sockets: dict[str, Any] = {}
+        self.reconnects = 0  # messages sent again on a new connection
 
     def _socket(self, session: str):
         from websockets.sync.client import connect
@@ -214,10 +225,11 @@ class StreamTransport(HttpTransport):
             socket = self._socket(session)
             try:
                 socket.send(stream_request(round_name, index, message, payload))
-                frame = socket.recv(timeout=self.timeout)
+                frame = self._reply(socket)
                 break
-            except (ConnectionClosed, OSError) as exc:
+            except (ConnectionClosed, OSError) as exc:  # TimeoutError included: a stalled connection
                 self.forget(session)
+                self.reconnects += 1
                 if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 1009:
                     raise TransportError("server refused the message: 413 request body too large", 413,
                                          "too_large") from None
@@ -230,6 +242,14 @@ class StreamTransport(HttpTransport):
             raise TransportError(f"server refused round {round_name}/{index}/{message}: {status} "
                                  f"{refusal.get('error', '')}", status, refusal.get("code"))
         return body
+
+    def _reply(self, socket: Any) -> bytes:
+        """The reply frame, skipping heartbeats; TimeoutError when the server falls silent."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            frame = socket.recv(timeout=min(STALL_SECONDS, max(deadline - time.monotonic(), 0.0)))
+            if _REPLY_HEAD.unpack_from(frame)[0] != HEARTBEAT:
+                return frame
 
     def forget(self, session: str) -> None:
         socket = self.sockets.pop(session, None)

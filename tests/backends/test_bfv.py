@@ -22,7 +22,7 @@ from test_pll import UNIFORM, uniformity_score
 
 from privlora.backends import bfv
 from privlora.backends import seal as sealx
-from privlora.backends.base import MessageOrderError, PayloadError, Weights, exchange, local_send, unframe
+from privlora.backends.base import MessageOrderError, PayloadError, Request, Weights, exchange, frame, local_send, unframe
 from privlora.backends.pll import PLLError, centred, encode_input
 from privlora.core.types import GroupSpec, PLLSite
 
@@ -235,9 +235,52 @@ def test_message_1_is_refused_out_of_order_replayed_or_with_other_rows():
     with pytest.raises(MessageOrderError):  # replayed: t was used once
         d.call(g, 1, second)
     three_rows, _ = masked_request(d, g, rng.normal(size=(3, 16)), fresh)
-    masked_request(d, g, x)  # a pending message 0 of 2 rows
-    with pytest.raises(PayloadError, match="declares 3 rows"):
-        d.call(g, 1, three_rows)
+    _, pending = masked_request(d, g, x)  # a pending message 0 of 2 rows
+    with pytest.raises(PayloadError, match="declares 3 rows"):  # message 1 of its exchange, with other rows
+        d.call(g, 1, with_exchange(three_rows, pending.exchange))
+
+
+def with_exchange(payload: bytes, exchange: int) -> bytes:
+    """``payload`` with its header's exchange id replaced (its row count kept)."""
+    header, *blobs = unframe(payload)
+    rows, _ = bfv._HEADER.unpack(header)
+    return frame([bfv._HEADER.pack(rows, exchange), *blobs])
+
+
+class KeyedByGroupOnly(bfv.Server):
+    """Control: t kept under the group alone, as before exchange ids (the payload's id ignored)."""
+
+    def _evaluate(self, group, request, session):
+        layout, _, inputs = request.data
+        return super()._evaluate(group, Request(request.message, request.rows, (layout, 0, inputs)), session)
+
+
+@pytest.mark.parametrize("server_class, right", [(bfv.Server, True), (KeyedByGroupOnly, False)])
+def test_a_stale_message_0_evaluated_after_its_resend_changes_nothing(server_class: type[bfv.Server], right: bool):
+    """A connection dies after message 0 was sent; the client sends it again on a new one, and
+    the server finishes the stale copy last. The resend's message 1 must still find its own t."""
+    g = group(0, 16, (8,))
+    d = deploy([g], random_weights([g]), server_class=server_class)
+    x = rng.normal(size=(2, 16))
+    stale, _ = d.client.encrypt(g, x)  # the first sending, whose reply was lost
+    resend, state = d.client.encrypt(g, x)
+    reply = d.call(g, 0, resend)
+    d.call(g, 0, stale)  # evaluated after the resend
+    final = d.call(g, 1, d.client.advance(g, 0, reply, state)[0])
+    assert bool(np.abs(pll_error(d, g, x, final)).max() <= d.client.pll.error_bound) is right
+
+
+def test_pending_exchanges_are_bounded_per_group():
+    g = group(0, 16, (8,))
+    d = deploy([g], random_weights([g]))
+    x = rng.normal(size=(2, 16))
+    states = [d.client.encrypt(g, x) for _ in range(bfv.PENDING_PER_GROUP + 2)]
+    replies = [d.call(g, 0, request) for request, _ in states]
+    assert len(d.session.pending) == bfv.PENDING_PER_GROUP
+    with pytest.raises(MessageOrderError):  # the oldest was dropped
+        d.call(g, 1, d.client.advance(g, 0, replies[0], states[0][1])[0])
+    final = d.call(g, 1, d.client.advance(g, 0, replies[-1], states[-1][1])[0])
+    assert np.abs(pll_error(d, g, x, final)).max() <= d.client.pll.error_bound
 
 
 def test_the_masks_of_two_sessions_or_two_groups_do_not_mix():

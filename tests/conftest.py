@@ -176,3 +176,26 @@ TINY_GEMMA: dict[str, Any] = dict(  # head_dim 24, not hidden_size / heads = 16,
 def write_tiny_gemma(directory: Path, seed: int = 0, **overrides: Any) -> Path:
     """A random-weight GemmaForCausalLM (tied embeddings, its own head_dim, GeLU-tanh MLP)."""
     return write_tiny_checkpoint(directory, transformers.GemmaConfig(**{**TINY_GEMMA, **overrides}), seed)
+
+
+@torch.no_grad()
+def cached_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding through a transformers model's own KV cache, one token per forward call:
+    the reference for decoding past a model's original context."""
+    output = model(torch.tensor([prompt]), use_cache=True)
+    tokens = [int(output.logits[0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        output = model(torch.tensor([tokens[-1:]]), past_key_values=output.past_key_values, use_cache=True)
+        tokens.append(int(output.logits[0, -1].argmax()))
+    return tokens
+
+
+@torch.no_grad()
+def logits_and_reference(checkpoint: Path, reference_class: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our definition's logits and transformers' (eager attention) on the same random batch."""
+    from privlora.models.checkpoint import build_model
+
+    input_ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 11))
+    reference = reference_class.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    model = build_model(checkpoint)
+    return model(input_ids, *step_inputs(input_ids), *model.empty_cache(2))[0], reference(input_ids).logits

@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 
-from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
 from privlora.models import llama
-from privlora.models.contract import Architecture
 from privlora.models.rope import unscalable_rope
 
 MODEL_TYPE = "gemma"
@@ -48,13 +46,4 @@ def config_from_hf(hf: dict[str, Any]) -> llama.LlamaConfig:
         embed_scale=torch.tensor(sizes["hidden_size"] ** 0.5, dtype=torch.float32).item())
 
 
-def build(hf_config: dict[str, Any]) -> llama.LlamaForCausalLM:
-    return llama.LlamaForCausalLM(config_from_hf(hf_config))
-
-
-def describe(hf_config: dict[str, Any]) -> ModelShape:
-    return llama.shape_of(config_from_hf(hf_config), MODEL_TYPE)
-
-
-ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=llama.LORA_TARGETS, build=build,
-                            adapt_state_dict=llama.adapt_state_dict, describe=describe)
+ARCHITECTURE = llama.llama_family(MODEL_TYPE, config_from_hf)

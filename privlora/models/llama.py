@@ -258,11 +258,6 @@ class LlamaForCausalLM(nn.Module):
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
 
-def build(hf_config: dict[str, Any]) -> LlamaForCausalLM:
-    """Instantiate the architecture from a Hugging Face config dict (weights uninitialised)."""
-    return LlamaForCausalLM(LlamaConfig.from_hf(hf_config))
-
-
 def adapt_state_dict(model: LlamaForCausalLM, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face names already match; tied checkpoints often omit ``lm_head.weight``."""
     if model.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
@@ -277,10 +272,18 @@ def shape_of(config: LlamaConfig, model_type: str) -> ModelShape:
                       head_dim=config.head_dim, vocab_size=config.vocab_size, context_length=config.context_length)
 
 
-def describe(hf_config: dict[str, Any]) -> ModelShape:
-    """Sizes from the same parsing as :func:`build`, so defaults (KV heads, head_dim) agree."""
-    return shape_of(LlamaConfig.from_hf(hf_config), MODEL_TYPE)
+def llama_family(model_type: str, config_from_hf: Callable[[dict[str, Any]], LlamaConfig]) -> Architecture:
+    """The record of a family that runs on this definition once its config is read: the same
+    ``config_from_hf`` parses for ``build`` and ``describe``, so their defaults always agree."""
+
+    def build(hf_config: dict[str, Any]) -> LlamaForCausalLM:
+        return LlamaForCausalLM(config_from_hf(hf_config))
+
+    def describe(hf_config: dict[str, Any]) -> ModelShape:
+        return shape_of(config_from_hf(hf_config), model_type)
+
+    return Architecture(model_type=model_type, lora_targets=LORA_TARGETS, build=build,
+                        adapt_state_dict=adapt_state_dict, describe=describe)
 
 
-ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=LORA_TARGETS, build=build,
-                            adapt_state_dict=adapt_state_dict, describe=describe)
+ARCHITECTURE = llama_family(MODEL_TYPE, LlamaConfig.from_hf)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privlora.core.types import ModelShape
 from privlora.models import llama
-from privlora.models.contract import Architecture
 from privlora.models.rope import unscalable_rope
 
 MODEL_TYPE = "mistral"
@@ -30,13 +28,4 @@ def config_from_hf(hf: dict[str, Any]) -> llama.LlamaConfig:
     return llama.LlamaConfig(**sizes, rope=unscalable_rope(hf, sizes["head_dim"]))
 
 
-def build(hf_config: dict[str, Any]) -> llama.LlamaForCausalLM:
-    return llama.LlamaForCausalLM(config_from_hf(hf_config))
-
-
-def describe(hf_config: dict[str, Any]) -> ModelShape:
-    return llama.shape_of(config_from_hf(hf_config), MODEL_TYPE)
-
-
-ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=llama.LORA_TARGETS, build=build,
-                            adapt_state_dict=llama.adapt_state_dict, describe=describe)
+ARCHITECTURE = llama.llama_family(MODEL_TYPE, config_from_hf)

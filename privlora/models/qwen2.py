@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
 from privlora.models import llama
-from privlora.models.contract import Architecture
 from privlora.models.rope import llama_rope
 
 MODEL_TYPE = "qwen2"
@@ -32,14 +30,4 @@ def config_from_hf(hf: dict[str, Any]) -> llama.LlamaConfig:
                              qkv_bias=True)
 
 
-def build(hf_config: dict[str, Any]) -> llama.LlamaForCausalLM:
-    return llama.LlamaForCausalLM(config_from_hf(hf_config))
-
-
-def describe(hf_config: dict[str, Any]) -> ModelShape:
-    """Sizes from the same parsing as :func:`build` (Qwen2 derives head_dim from the hidden size)."""
-    return llama.shape_of(config_from_hf(hf_config), MODEL_TYPE)
-
-
-ARCHITECTURE = Architecture(model_type=MODEL_TYPE, lora_targets=llama.LORA_TARGETS, build=build,
-                            adapt_state_dict=llama.adapt_state_dict, describe=describe)
+ARCHITECTURE = llama.llama_family(MODEL_TYPE, config_from_hf)

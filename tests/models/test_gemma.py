@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers
 
-from conftest import step_inputs, write_tiny_gemma
+from conftest import logits_and_reference, write_tiny_gemma
 from privlora.errors import UnsupportedModelError
 from privlora.models.checkpoint import build_model
 
@@ -26,12 +25,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_logits_match_transformers(tmp_path, variant):
     checkpoint = write_tiny_gemma(tmp_path / variant, **VARIANTS[variant])
-    input_ids = torch.randint(0, 160, (2, 11))
-    reference = transformers.GemmaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
-    model = build_model(checkpoint)
-    with torch.no_grad():
-        expected = reference(input_ids).logits
-        ours = model(input_ids, *step_inputs(input_ids), *model.empty_cache(2))[0]
+    ours, expected = logits_and_reference(checkpoint, transformers.GemmaForCausalLM)
     assert expected.abs().max() > 1.0
     assert (ours - expected).abs().max() < TOLERANCE
 

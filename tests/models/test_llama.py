@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY_VARIANTS, step_inputs, write_tiny_llama
+from conftest import TINY_VARIANTS, cached_greedy, step_inputs, write_tiny_llama
 from privlora.errors import UnsupportedModelError
 from privlora.models.checkpoint import build_model
 from privlora.models.step import TorchStep
@@ -88,18 +88,6 @@ def test_legacy_rope_scaling_type_key_matches_transformers(tmp_path):
     assert (full_logits(build_model(checkpoint), input_ids) - reference).abs().max() < TOLERANCE
 
 
-@torch.no_grad()
-def transformers_cached_greedy(checkpoint, prompt, new_tokens):
-    """Greedy decoding through transformers' KV cache, one token per forward call."""
-    model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
-    output = model(torch.tensor([prompt]), use_cache=True)
-    tokens = [int(output.logits[0, -1].argmax())]
-    for _ in range(new_tokens - 1):
-        output = model(torch.tensor([tokens[-1:]]), past_key_values=output.past_key_values, use_cache=True)
-        tokens.append(int(output.logits[0, -1].argmax()))
-    return tokens
-
-
 def test_dynamic_rope_decoding_past_the_context_matches_transformers(tmp_path):
     """Past max_position_embeddings, dynamic NTK rescales at every step: each step's keys keep the
     frequencies of their step in the cache, in transformers' cache as in ours."""
@@ -107,4 +95,5 @@ def test_dynamic_rope_decoding_past_the_context_matches_transformers(tmp_path):
                                   rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     prompt = [4, 8, 15, 16, 23, 42]
     ours = list(generate(TorchStep(build_model(checkpoint)), prompt, GenerationConfig(max_new_tokens=10)))
-    assert ours == transformers_cached_greedy(checkpoint, prompt, 10)
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    assert ours == cached_greedy(reference, prompt, 10)

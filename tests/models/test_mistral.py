@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers
 
-from conftest import step_inputs, write_tiny_mistral
+from conftest import logits_and_reference, write_tiny_mistral
 from privlora.errors import UnsupportedModelError
 from privlora.models.checkpoint import build_model, read_config
 from privlora.models.registry import describe
@@ -20,12 +19,7 @@ TOLERANCE = 1e-4
 
 def test_window_as_long_as_the_context_matches_transformers(tmp_path):
     checkpoint = write_tiny_mistral(tmp_path / "window", sliding_window=256)  # = max_position_embeddings
-    input_ids = torch.randint(0, 160, (2, 11))
-    reference = transformers.MistralForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
-    model = build_model(checkpoint)
-    with torch.no_grad():
-        expected = reference(input_ids).logits
-        ours = model(input_ids, *step_inputs(input_ids), *model.empty_cache(2))[0]
+    ours, expected = logits_and_reference(checkpoint, transformers.MistralForCausalLM)
     assert (ours - expected).abs().max() < TOLERANCE
 
 

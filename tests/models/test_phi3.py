@@ -12,7 +12,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from conftest import step_inputs, write_tiny_adapter, write_tiny_llama, write_tiny_phi3
+from conftest import cached_greedy, step_inputs, write_tiny_adapter, write_tiny_llama, write_tiny_phi3
 from privlora.errors import AdapterError, UnsupportedModelError
 from privlora.models.checkpoint import build_model
 from privlora.models.loading import load_model
@@ -56,18 +56,6 @@ def test_an_adapter_for_separate_projections_is_refused(tmp_path):
         load_model(write_tiny_phi3(tmp_path / "base"), llama_adapter)
 
 
-@torch.no_grad()
-def transformers_cached_greedy(checkpoint, prompt, new_tokens):
-    """Greedy decoding through transformers' KV cache, one token per forward call."""
-    model = reference_model(checkpoint)
-    output = model(torch.tensor([prompt]), use_cache=True)
-    tokens = [int(output.logits[0, -1].argmax())]
-    for _ in range(new_tokens - 1):
-        output = model(torch.tensor([tokens[-1:]]), past_key_values=output.past_key_values, use_cache=True)
-        tokens.append(int(output.logits[0, -1].argmax()))
-    return tokens
-
-
 def test_longrope_decoding_past_the_original_context_matches_transformers(tmp_path):
     """Phi-3.5-mini's shape: LongRoPE and a sliding window longer than the context (no effect).
     Past original_max_position_embeddings each step uses the long factors for its new keys."""
@@ -75,7 +63,7 @@ def test_longrope_decoding_past_the_original_context_matches_transformers(tmp_pa
                                  sliding_window=512)
     prompt = [4, 8, 15, 16, 23, 42]
     ours = list(generate(TorchStep(build_model(checkpoint)), prompt, GenerationConfig(max_new_tokens=8)))
-    assert ours == transformers_cached_greedy(checkpoint, prompt, 8)
+    assert ours == cached_greedy(reference_model(checkpoint), prompt, 8)
 
 
 def test_su_alias_is_longrope(tmp_path):

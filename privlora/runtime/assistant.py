@@ -69,7 +69,7 @@ class Assistant:
         if not tokenizer_dir.is_dir():
             raise PrivloraError(f"{artifact} has no tokenizer in its client bundle")
         self.tokenizer = load_client_tokenizer(tokenizer_dir)
-        self.name = name or Path(artifact).resolve().name
+        self.name = name or Path(artifact).absolute().name  # as the user named it (a link keeps its name)
         self.artifact_id = artifact_id(artifact)
         self.context_length = int(bundle.manifest["model"]["context_length"])
         self.client = SecureClient(artifact, transport, cache_keys=cache_keys, bundle=bundle)

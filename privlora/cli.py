@@ -367,10 +367,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.faults:
         return _soak(args)
     credentials = _credentials(args)
-    server = None if args.server else ServerProcess(args.artifact, port=args.port).start()
+    server = None if args.server else ServerProcess(args.artifact, port=args.port).start()  # waits until ready
     url = args.server or server.url  # a separate server process, so that its memory figure is its own
     try:
-        wait_for_server(url, credentials=credentials)
+        if server is None:
+            wait_for_server(url, credentials=credentials)
         report = run_load(args.artifact, url, args.clients, args.tokens, credentials=credentials)
     finally:
         if server is not None:

@@ -120,17 +120,24 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def wait_for_server(url: str, timeout: float = 120.0, credentials: Credentials = Credentials()) -> None:
-    """Poll the health endpoint until the server answers."""
+def wait_for_server(url: str, timeout: float = 120.0, credentials: Credentials = Credentials(),
+                    alive: Callable[[], None] | None = None) -> None:
+    """Poll the health endpoint until the server answers; ``alive`` raises if it died meanwhile."""
+    probe = HttpTransport(url, credentials, timeout=5)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            HttpTransport(url, credentials, timeout=5).info()
-            return
-        except TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    try:
+        while True:
+            if alive is not None:
+                alive()
+            try:
+                probe.info()
+                return
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        probe.client.close()  # an idle kept-alive connection would hold up a TLS server's shutdown
 
 
 def free_port() -> int:
@@ -161,17 +168,11 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float = 120.0, credentials: Credentials = Credentials()) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.output()}")
-            try:
-                HttpTransport(self.url, credentials, timeout=5).info()
-                return
-            except TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_for_server(self.url, timeout, credentials, alive=self._alive)
+
+    def _alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"the server exited: {self.output()}")
 
     def output(self) -> str:
         self.log.seek(0)

@@ -11,6 +11,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from privlora.errors import PrivloraError
@@ -94,7 +95,7 @@ class InProcessTransport:
     def info(self) -> dict[str, Any]:
         return self.server.info()
 
-    def _call(self, method, *args):
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         try:
             return method(*args)
         except Exception as exc:

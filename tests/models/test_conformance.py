@@ -207,7 +207,7 @@ def test_secure_generation_equals_plaintext(case: Case, compiled: CompileReport)
     assert list(generate(open_local(compiled.artifact), PROMPT, GENERATION)) == plaintext
 
 
-SECURE_LOGITS_TOLERANCE = 1e-2  # CKKS end to end on tiny models: measured 2-3e-3
+SECURE_LOGITS_TOLERANCE = 5e-2  # CKKS end to end on tiny models, every position: measured up to 1.1e-2
 
 
 def test_chat_prompt_from_the_artifact_tokenizer(case: Case, compiled: CompileReport) -> None:
@@ -227,7 +227,8 @@ def test_chat_prompt_from_the_artifact_tokenizer(case: Case, compiled: CompileRe
     plaintext = plaintext_step(*step_args, *plaintext_step.empty_cache(1))[0]
     secure = secure_step(*step_args, *secure_step.empty_cache(1))[0]
     assert np.abs(secure - plaintext).max() < SECURE_LOGITS_TOLERANCE
-    assert np.abs(plaintext).max() > 1.0  # logits of a size that an error would show against
+    base_step = TorchStep(build_model(case.base))  # control: without the adapter's deltas the logits are far off
+    assert np.abs(base_step(*step_args, *base_step.empty_cache(1))[0] - plaintext).max() > 4 * SECURE_LOGITS_TOLERANCE
 
 
 def test_inspect_reads_the_shape_from_the_manifest(case: Case, compiled: CompileReport) -> None:

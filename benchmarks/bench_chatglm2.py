@@ -28,11 +28,12 @@ import torch
 from safetensors.torch import save_file
 
 from privlora.compiler.driver import compile_artifact
-from privlora.loadtest import wait_for_server
-from privlora.models import chatglm2
-from privlora.runtime.client import SecureClient, render_timings
-from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.transport import HttpTransport
+from privlora.tools.loadtest import wait_for_server
+from privlora.models.architectures import chatglm2
+from privlora.client.secure import SecureClient
+from privlora.client.timings import render_timings
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.transports import HttpTransport
 
 PAPER_SECONDS_PER_TOKEN = 1.61
 

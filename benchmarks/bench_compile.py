@@ -23,7 +23,7 @@ from privlora.compiler.frontend import sample_steps
 from privlora.compiler.lower_onnx import segment_arguments
 from privlora.compiler.pipeline import compile_graph
 from privlora.models.loading import load_model
-from privlora.runtime.client import open_local
+from privlora.local import open_local
 
 
 def median_ms(run, repeats: int) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from privlora.loadtest import ServerProcess, free_port
+from privlora.tools.loadtest import ServerProcess, free_port
 
 QUESTION = "What are the weekday opening hours of Larkspur Valley Clinic?"
 

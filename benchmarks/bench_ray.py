@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from privlora.loadtest import ServerProcess, run_load
+from privlora.tools.loadtest import ServerProcess, run_load
 
 CONFIGURATIONS = {"uvicorn": [], "ray, 1 replica": ["--ray", "--replicas", "1"],
                   "ray, 2 replicas": ["--ray", "--replicas", "2"]}

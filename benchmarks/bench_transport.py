@@ -24,14 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from privlora.compiler.driver import compile_artifact
-from privlora.loadtest import wait_for_server
+from privlora.tools.loadtest import wait_for_server
 from privlora.models.loading import load_model
-from privlora.models.tokenizer import encode_chat
+from privlora.models.hf_tokenizer import encode_chat
 from privlora.paths import DEMO_ADAPTER
-from privlora.qa import load_qa
-from privlora.runtime.client import SecureClient, open_local
-from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.transport import HttpTransport, StreamTransport
+from privlora.tools.qa import load_qa
+from privlora.client.secure import SecureClient
+from privlora.local import open_local
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.transports import HttpTransport, StreamTransport
 
 
 class DelayedTransport(StreamTransport):

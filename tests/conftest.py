@@ -79,7 +79,7 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = TINY_LLAMA["vocab_si
     """Save a real ChatML tokenizer whose ids all fit a tiny model's vocabulary: a character BPE
     (sentencepiece-style spaces) trained on the calibration prompts, with eos ``<|im_end|>`` and
     pad ``<|endoftext|>``, saved by transformers next to a tiny checkpoint."""
-    from privlora.bench import CALIBRATION_PROMPTS  # here: bench pulls in the backends
+    from privlora.tools.bench import CALIBRATION_PROMPTS  # here: bench pulls in the backends
 
     backend = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")

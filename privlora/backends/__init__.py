@@ -35,6 +35,9 @@ for _info in (
     BackendInfo("bfv", "privlora.backends.bfv",
                 "coefficient-encoded BFV (SEAL), the masked PLL in two messages per group: prompt and adapter protected",
                 True),
+    BackendInfo("pads", "privlora.backends.pads",
+                "the PLL with pads: bfv's exchange made ahead of time on random pads, one plain message per group "
+                "online: prompt and adapter protected", True),
     BackendInfo("ckks", "privlora.backends.ckks", "CKKS encryption (SEAL): prompt and adapter protected", True),
     BackendInfo("concrete", "privlora.backends.concrete", "TFHE (Concrete): protects the prompt, not the adapter", True),
     BackendInfo("plain", "privlora.backends.plain", "the PLL integer protocol, unencrypted (a reference)", False),

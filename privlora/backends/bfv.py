@@ -41,22 +41,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import math
 import secrets
 import struct
 import threading
-import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tenseal.sealapi as seal
+from tenseal import sealapi
 
-from privlora.backends import seal as sealx
-from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, Request, Weights,
-                                    block_diagonal, check_message, delta_of, frame, rows_of, unframe)
+from privlora.backends import seal
+from privlora.backends.seal import IdleFiller, ZeroPool
+from privlora.backends.bfv_layout import Layout, choose_layout, message_layout
+from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
+                                    Weights)
+from privlora.backends.common import block_diagonal, check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input,
                                    pll_params, quantize_group)
 
@@ -87,130 +86,15 @@ PRIVACY = {
 }
 
 
-def context(params: BFVParameters, plain_modulus: int) -> seal.SEALContext:
-    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+def context(params: BFVParameters, plain_modulus: int) -> sealapi.SEALContext:
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.BFV)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
+    parms.set_coeff_modulus(sealapi.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
     parms.set_plain_modulus(plain_modulus)
-    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    ctx = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
     if not ctx.parameters_set():
         raise PLLError(f"invalid BFV parameters: {ctx.parameters_error_message()}")
     return ctx
-
-
-# Cost model of one block choice, in milliseconds measured on this 2-core CPU: about 1 ms per
-# ciphertext (encrypt or re-randomise, serialise, parse, NTT) and 0.05 ms per product.
-CIPHERTEXT_MS, PRODUCT_MS = 1.0, 0.05
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a ``[rows, d_in] x [d_in, d_out]`` product sits in ring elements of ``degree`` coefficients:
-    input (r, j) of a block at coefficient ``r db ob + j``, weight (o, j) at ``o db + db - 1 - j``,
-    so output (r, o) is coefficient ``r db ob + o db + db - 1`` of the product."""
-
-    rows: int
-    d_in: int
-    d_out: int
-    tb: int
-    db: int
-    ob: int
-    degree: int
-
-    @property
-    def row_blocks(self) -> int:
-        return math.ceil(self.rows / self.tb)
-
-    @property
-    def in_blocks(self) -> int:
-        return math.ceil(self.d_in / self.db)
-
-    @property
-    def out_blocks(self) -> int:
-        return math.ceil(self.d_out / self.ob)
-
-    @property
-    def input_ciphertexts(self) -> int:
-        return self.row_blocks * self.in_blocks
-
-    @property
-    def output_ciphertexts(self) -> int:
-        return self.row_blocks * self.out_blocks
-
-    @property
-    def cost(self) -> float:
-        products = self.row_blocks * self.in_blocks * self.out_blocks
-        return CIPHERTEXT_MS * (self.input_ciphertexts + self.output_ciphertexts) + PRODUCT_MS * products
-
-    @functools.cached_property
-    def outputs(self) -> list[int]:
-        """Coefficient indices of the outputs of one ciphertext, row-major over (r, o)."""
-        r, o = np.meshgrid(np.arange(self.tb), np.arange(self.ob), indexing="ij")
-        return (r * self.db * self.ob + o * self.db + self.db - 1).reshape(-1).tolist()
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """Input polynomials ``[row_blocks, in_blocks, degree]`` of ``x`` ``[rows, d_in]`` (uint64)."""
-        blocks = np.zeros((self.row_blocks * self.tb, self.in_blocks * self.db), dtype=np.uint64)
-        blocks[:self.rows, :self.d_in] = x
-        blocks = blocks.reshape(self.row_blocks, self.tb, self.in_blocks, self.db).transpose(0, 2, 1, 3)
-        polys = np.zeros((self.row_blocks, self.in_blocks, self.tb, self.db * self.ob), dtype=np.uint64)
-        polys[..., :self.db] = blocks
-        return self._to_degree(polys.reshape(self.row_blocks, self.in_blocks, self.tb * self.db * self.ob))
-
-    def weights(self, w: np.ndarray) -> np.ndarray:
-        """Weight polynomials ``[out_blocks, in_blocks, degree]`` of ``w`` ``[d_out, d_in]`` (uint64 mod p)."""
-        blocks = np.zeros((self.out_blocks * self.ob, self.in_blocks * self.db), dtype=np.uint64)
-        blocks[:self.d_out, :self.d_in] = w
-        blocks = blocks.reshape(self.out_blocks, self.ob, self.in_blocks, self.db).transpose(0, 2, 1, 3)
-        return self._to_degree(blocks[..., ::-1].reshape(self.out_blocks, self.in_blocks, -1))
-
-    def gather(self, values: np.ndarray) -> np.ndarray:
-        """``[rows, d_out]`` from the output coefficients ``[row_blocks, out_blocks, tb * ob]``."""
-        blocks = values.reshape(self.row_blocks, self.out_blocks, self.tb, self.ob).transpose(0, 2, 1, 3)
-        return blocks.reshape(self.row_blocks * self.tb, self.out_blocks * self.ob)[:self.rows, :self.d_out]
-
-    def scatter(self, y: np.ndarray, fill: np.ndarray) -> np.ndarray:
-        """``fill`` ``[row_blocks, out_blocks, degree]`` with ``y`` ``[rows, d_out]`` at the output coefficients."""
-        blocks = np.zeros((self.row_blocks * self.tb, self.out_blocks * self.ob), dtype=np.uint64)
-        blocks[:self.rows, :self.d_out] = y
-        blocks = blocks.reshape(self.row_blocks, self.tb, self.out_blocks, self.ob).transpose(0, 2, 1, 3)
-        out = fill.copy()
-        out[..., self.outputs] = blocks.reshape(self.row_blocks, self.out_blocks, self.tb * self.ob)
-        return out
-
-    def _to_degree(self, polys: np.ndarray) -> np.ndarray:
-        out = np.zeros((*polys.shape[:-1], self.degree), dtype=np.uint64)
-        out[..., :polys.shape[-1]] = polys
-        return out
-
-
-def _splits(n: int) -> list[int]:
-    """Block sizes worth trying for a dimension of n: ceil(n / k) for every k."""
-    return sorted({math.ceil(n / k) for k in range(1, n + 1)})
-
-
-@functools.lru_cache(maxsize=256)
-def choose_layout(rows: int, d_in: int, d_out: int, degree: int) -> Layout:
-    """The cheapest block (tb, db, ob) with ``tb db ob <= degree`` under the cost model."""
-    best: Layout | None = None
-    for tb in _splits(max(rows, 1)):
-        for db in _splits(d_in):
-            room = degree // (tb * db)
-            if room == 0:
-                continue
-            ob = math.ceil(d_out / math.ceil(d_out / room))  # the fewest output blocks, balanced
-            layout = Layout(rows, d_in, d_out, tb, db, ob, degree)
-            if best is None or layout.cost < best.cost:
-                best = layout
-    if best is None:
-        raise PLLError(f"no BFV layout for {rows} x {d_in} -> {d_out} in {degree} coefficients")
-    return best
-
-
-def message_layout(group: GroupSpec, message: int, rows: int, degree: int) -> Layout:
-    """The block layout of a group's message: x [rows, d_in] -> rank, then h' [rows, rank] -> d_out."""
-    d_in, d_out = (group.d_in, group.rank) if message == 0 else (group.rank, group.d_out)
-    return choose_layout(rows, d_in, d_out, degree)
 
 
 def _stack(group: GroupSpec, weights: Weights, params: PLLParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -280,15 +164,15 @@ class Client:
         self.modulus = int(params["plain_modulus"])
         self.out_scales = {key: np.asarray(g["out_scale"]) for key, g in params["groups"].items()}
         self.ctx = context(self.bfv, self.modulus)
-        self.keygen, self.encryptor, self.decryptor = sealx.client_keys(self.ctx, secret_key)
+        self.keygen, self.encryptor, self.decryptor = seal.client_keys(self.ctx, secret_key)
 
     def secret_key(self) -> bytes:
-        return sealx.to_bytes(self.keygen.secret_key())
+        return seal.to_bytes(self.keygen.secret_key())
 
     def evaluation_keys(self) -> bytes:
-        public = seal.PublicKey()
+        public = sealapi.PublicKey()
         self.keygen.create_public_key(public)
-        return frame([sealx.to_bytes(public)])
+        return frame([seal.to_bytes(public)])
 
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
@@ -296,7 +180,7 @@ class Client:
     def _send(self, layout: Layout, values: np.ndarray, exchange: int) -> bytes:
         """Encrypt ``values`` [rows, d_in] (mod p) in the layout's input polynomials (seeded: half size)."""
         polys = layout.encode(values).reshape(-1, layout.degree)
-        blobs = [sealx.to_bytes(self.encryptor.encrypt_symmetric(sealx.plaintext(self.ctx, poly))) for poly in polys]
+        blobs = [seal.to_bytes(self.encryptor.encrypt_symmetric(seal.plaintext(self.ctx, poly))) for poly in polys]
         return frame([_HEADER.pack(layout.rows, exchange), *blobs])
 
     def _receive(self, layout: Layout, reply: bytes) -> np.ndarray:
@@ -304,10 +188,10 @@ class Client:
         blobs = unframe(reply, layout.output_ciphertexts)
         values = np.empty((len(blobs), layout.tb * layout.ob), dtype=np.uint64)
         for index, blob in enumerate(blobs):
-            ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
-            plain = seal.Plaintext()
+            ct = seal.from_bytes(sealapi.Ciphertext, self.ctx, blob, "reply ciphertext")
+            plain = sealapi.Plaintext()
             self.decryptor.decrypt(ct, plain)
-            values[index] = sealx.coefficients(plain, layout.outputs, layout.degree)
+            values[index] = seal.coefficients(plain, layout.outputs, layout.degree)
         return layout.gather(values.reshape(layout.row_blocks, layout.out_blocks, layout.tb * layout.ob))
 
     def encrypt(self, group: GroupSpec, x: np.ndarray) -> tuple[bytes, ClientState]:
@@ -327,48 +211,14 @@ class Client:
         return delta_of(decode(y, self.modulus, state.scale, self.out_scales[group.key]), state.leading, group.d_out)
 
 
-class ZeroPool:
-    """Fresh public-key encryptions of zero, made ahead of time: a reply is re-randomised with one
-    of them, used once. Making one costs about 1 ms, 60-70% of a reply ciphertext, so a
-    background thread makes them while the server is idle (between a client's requests) and a
-    reply takes a ready one, or makes its own when none is left. The time spent making them is
-    counted (``made_seconds``): it is work moved off the critical path, never hidden."""
+@dataclass(frozen=True)
+class Payload:
+    """A parsed message: its packing, the exchange id that pairs a message 1 with its message 0,
+    and the input ciphertexts."""
 
-    def __init__(self, encryptor: Any, parms_id: list[int], target: int) -> None:
-        self.encryptor, self.parms_id, self.target = encryptor, parms_id, target
-        self.ready: collections.deque[seal.Ciphertext] = collections.deque()
-        self.made_seconds = 0.0
-        self.made = 0
-        self.taken_ready = 0  # replies re-randomised with a zero made ahead of time
-
-    def make(self) -> seal.Ciphertext:
-        start = time.perf_counter()
-        zero = seal.Ciphertext()
-        self.encryptor.encrypt_zero(self.parms_id, zero)
-        self.made_seconds += time.perf_counter() - start
-        self.made += 1
-        return zero
-
-    @property
-    def short(self) -> bool:
-        return len(self.ready) < self.target
-
-    def refill(self) -> None:
-        """One more zero for the pool (the background thread's unit of work)."""
-        self.ready.append(self.make())
-
-    def take(self) -> seal.Ciphertext:
-        try:
-            zero = self.ready.popleft()  # deque operations are atomic: no lock needed
-        except IndexError:
-            return self.make()
-        self.taken_ready += 1
-        return zero
-
-    @property
-    def offline_seconds(self) -> float:
-        """The time the zeros taken from the pool cost to make, ahead of time."""
-        return self.taken_ready * self.made_seconds / max(self.made, 1)
+    layout: Layout
+    exchange: int
+    inputs: list[sealapi.Ciphertext]
 
 
 @dataclass(eq=False)  # sessions are compared by identity (and kept in a WeakSet)
@@ -377,7 +227,7 @@ class Session:
     between message 0 and message 1."""
 
     zeros: ZeroPool
-    pending: dict[tuple[str, int], tuple[int, np.ndarray]] = field(default_factory=dict)  # (group, exchange)
+    pending: PendingStore = field(default_factory=dict)  # (group, exchange) -> (rows, mask)
     waiting: dict[str, collections.deque] = field(default_factory=dict)  # each group's exchanges, oldest first
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -400,63 +250,16 @@ class Session:
         return pending[1]
 
 
-class IdleFiller:
-    """One daemon thread per server that tops up the sessions' zero pools while no request is
-    being evaluated. The SEAL bindings hold the GIL, so work in a thread only pays when the
-    server would otherwise wait; it yields the GIL after every zero (about 1 ms), so a request
-    that arrives waits at most that long. Measured over the stream transport, this took a
-    SmolLM2 decode step from 0.566 s (filling only after 5 ms of quiet) to 0.511 s."""
-
-    def __init__(self) -> None:
-        self.sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-        self.busy = 0  # requests being evaluated
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def add(self, session: Session) -> None:
-        with self.lock:
-            self.sessions.add(session)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="privlora-bfv-zeros", daemon=True)
-                self.thread.start()
-        self.wake.set()
-
-    def __enter__(self) -> None:
-        with self.lock:
-            self.busy += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self.lock:
-            self.busy -= 1
-        self.wake.set()
-
-    def _next(self) -> Session | None:
-        with self.lock:
-            if self.busy:
-                return None
-            return next((session for session in list(self.sessions) if session.zeros.short), None)
-
-    def _run(self) -> None:
-        while True:
-            session = self._next()
-            if session is None:
-                self.wake.clear()
-                self.wake.wait(timeout=1.0)
-                continue
-            session.zeros.refill()
-            time.sleep(0)  # hand the GIL to a request that is waiting for it
-
-
 class Server:
     messages = MESSAGES
+    replicable = True
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.pll = PLLParams(**params["pll"])
         self.bfv = PRIVACY[params["privacy"]]
         self.modulus = int(params["plain_modulus"])
         self.ctx = context(self.bfv, self.modulus)
-        self.evaluator = seal.Evaluator(self.ctx)
+        self.evaluator = sealapi.Evaluator(self.ctx)
         self.first, self.last = self.ctx.first_parms_id(), self.ctx.last_parms_id()
         self.matrices = {g.key: (tensors[f"{g.key}.a_hat"].astype(np.int64), tensors[f"{g.key}.b_hat"].astype(np.int64))
                          for g in groups}
@@ -465,15 +268,16 @@ class Server:
         self.filler = IdleFiller()
         # Encoded weights per (group, message, block shape), least recently used first out: a
         # client choosing unusual row counts cannot make the server keep every layout's copy.
-        self._encoded: collections.OrderedDict[tuple[str, int, int, int], list[list[seal.Plaintext | None]]] = \
+        self._encoded: collections.OrderedDict[tuple[str, int, int, int], list[list[sealapi.Plaintext | None]]] = \
             collections.OrderedDict()
         self._encoded_limit = ENCODED_LAYOUTS * 2 * len(self.matrices)
         self._encoded_lock = threading.Lock()
 
-    def open_session(self, evaluation_keys: bytes) -> Session:
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
-        public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
-        session = Session(ZeroPool(seal.Encryptor(self.ctx, public), self.first, self.zero_pool))
+        public = seal.from_bytes(sealapi.PublicKey, self.ctx, public_bytes, "public key")
+        session = Session(ZeroPool(sealapi.Encryptor(self.ctx, public), self.first, self.zero_pool),
+                          {} if pending is None else pending)
         if self.zero_pool:
             self.filler.add(session)
         return session
@@ -494,15 +298,15 @@ class Server:
             raise PayloadError(f"malformed payload: {rows} rows take {layout.input_ciphertexts} ciphertexts, "
                                f"got {len(blobs) - 1}")
         inputs = [self._load_input(blob) for blob in blobs[1:]]
-        return Request(message, rows if message == 0 else 0, (layout, exchange, inputs))
+        return Request(message, rows if message == 0 else 0, Payload(layout, exchange, inputs))
 
-    def _load_input(self, blob: bytes) -> seal.Ciphertext:
-        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")
+    def _load_input(self, blob: bytes) -> sealapi.Ciphertext:
+        ct = seal.from_bytes(sealapi.Ciphertext, self.ctx, blob, "input ciphertext")
         if ct.size() != 2 or ct.parms_id() != self.first or ct.is_ntt_form():
             raise PayloadError("input ciphertext has the wrong size, level or form")
         return ct
 
-    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[seal.Plaintext | None]]:
+    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[sealapi.Plaintext | None]]:
         """The weight polynomials of A_hat (message 0) or B_hat (message 1) for this block shape,
         in NTT form (None for an all-zero block, such as the off-diagonal blocks of a fused
         group's B), encoded once per shape and kept."""
@@ -514,7 +318,7 @@ class Server:
         if encoded is None:
             matrix = self.matrices[group.key][message]
             polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
-            encoded = [[self._ntt(sealx.plaintext(self.ctx, poly)) if poly.any() else None for poly in row]
+            encoded = [[self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in row]
                        for row in polys]
             with self._encoded_lock:
                 self._encoded[key] = encoded
@@ -522,11 +326,11 @@ class Server:
                     self._encoded.popitem(last=False)
         return encoded
 
-    def _ntt(self, plain: seal.Plaintext) -> seal.Plaintext:
+    def _ntt(self, plain: sealapi.Plaintext) -> sealapi.Plaintext:
         self.evaluator.transform_to_ntt_inplace(plain, self.first)
         return plain
 
-    def _products(self, layout: Layout, inputs: list[seal.Ciphertext], weights: list[list[seal.Plaintext | None]],
+    def _products(self, layout: Layout, inputs: list[sealapi.Ciphertext], weights: list[list[sealapi.Plaintext | None]],
                   session: Session):
         """For every (row block, out block): the sum over input blocks of input x weight, out of NTT form."""
         for ct in inputs:
@@ -538,14 +342,14 @@ class Server:
                 for ct, plain in zip(row, weights[m]):
                     if plain is None:  # SEAL refuses a product that is transparent (identically zero)
                         continue
-                    part = seal.Ciphertext()
+                    part = sealapi.Ciphertext()
                     self.evaluator.multiply_plain(ct, plain, part)
                     if total is None:
                         total = part
                     else:
                         self.evaluator.add_inplace(total, part)
                 if total is None:  # an all-zero block of outputs: an encryption of zero stands for it
-                    total = seal.Ciphertext()
+                    total = sealapi.Ciphertext()
                     session.zeros.encryptor.encrypt_zero(self.first, total)
                 else:
                     self.evaluator.transform_from_ntt_inplace(total)
@@ -559,12 +363,15 @@ class Server:
     def offline_seconds(self, session: Session) -> float:
         return session.zeros.offline_seconds
 
-    def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
+    def evaluate(self, group: GroupSpec, request: Request[Payload], session: Session) -> bytes:
         with self.filler:  # no background work while a request is evaluated
             return self._evaluate(group, request, session)
 
-    def _evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
-        layout, exchange, inputs = request.data
+    def _evaluate(self, group: GroupSpec, request: Request[Payload], session: Session,
+                  shift: np.ndarray | None = None) -> bytes:
+        """Message 0 or 1 of the masked PLL; ``shift`` ([rows, d_out] mod p) is added to message 1's
+        outputs (the pads backend's output masks)."""
+        layout, exchange, inputs = request.data.layout, request.data.exchange, request.data.inputs
         fill = self._uniform(layout)  # every coefficient of a reply is masked
         if request.message == 0:
             session.keep(group.key, exchange, layout.rows, layout.gather(fill[..., layout.outputs]))
@@ -574,19 +381,21 @@ class Server:
             _, b_hat = self.matrices[group.key]
             error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
             correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)
+            if shift is not None:
+                correction = correction + shift.astype(np.int64)
             added = layout.scatter(np.mod(correction, self.modulus).astype(np.uint64), fill)
         sums = self._products(layout, inputs, self._weights(group, request.message, layout), session)
         return frame([self._finish(total, poly, session) for total, poly in zip(sums, added.reshape(-1, layout.degree))])
 
-    def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: Session) -> bytes:
+    def _finish(self, total: sealapi.Ciphertext, added: np.ndarray, session: Session) -> bytes:
         """Add the mask (and error), re-randomise, then switch to the reply modulus: the switch
         rounds a fresh ciphertext (switching first would round c1, a function of the client's
         ciphertext and the weights only, and keep that rounding in the reply's noise)."""
-        self.evaluator.add_plain_inplace(total, sealx.plaintext(self.ctx, added))
+        self.evaluator.add_plain_inplace(total, seal.plaintext(self.ctx, added))
         self._rerandomise(total, session)
         self.evaluator.mod_switch_to_inplace(total, self.last)
-        return sealx.to_bytes(total)
+        return seal.to_bytes(total)
 
-    def _rerandomise(self, ct: seal.Ciphertext, session: Session) -> None:
+    def _rerandomise(self, ct: sealapi.Ciphertext, session: Session) -> None:
         """Add a fresh public-key encryption of zero: the reply's mask becomes fresh."""
         self.evaluator.add_inplace(ct, session.zeros.take())

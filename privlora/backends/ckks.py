@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tenseal.sealapi as seal
+from tenseal import sealapi
 
-from privlora.backends import seal as sealx
-from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, PayloadError, Request, Weights, block_diagonal,
-                                    check_message, delta_of, frame, rows_of, unframe)
+from privlora.backends import seal
+from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, PendingStore, Request, Weights
+from privlora.backends.common import OneMessage, block_diagonal, check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.pll import PLLError, SystemRandom, discrete_gaussian
 
 NAME = "ckks"
@@ -130,13 +130,13 @@ def normalise(group: GroupSpec, weights: Weights) -> tuple[np.ndarray, np.ndarra
 
 def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) -> BackendBuild:
     options = dict(options)
-    unknown = set(options) - set(FloodParams.__dataclass_fields__) - set(sealx.CKKSParameters.__dataclass_fields__)
+    unknown = set(options) - set(FloodParams.__dataclass_fields__) - set(seal.CKKSParameters.__dataclass_fields__)
     if unknown:
         raise PLLError(f"unknown ckks options {sorted(unknown)} (known: precision_bits, sigma, tail, "
                        "poly_modulus_degree, coeff_bits, scale_bits, a_scale_bits)")
     flood = FloodParams(**{k: options.pop(k) for k in list(options) if k in FloodParams.__dataclass_fields__})
-    params = sealx.CKKSParameters(**{k: tuple(v) if k == "coeff_bits" else v for k, v in options.items()})
-    sealx.context(params)  # validate the parameter set at compile time
+    params = seal.CKKSParameters(**{k: tuple(v) if k == "coeff_bits" else v for k, v in options.items()})
+    seal.context(params)  # validate the parameter set at compile time
     tensors: dict[str, np.ndarray] = {}
     client_groups: dict[str, Any] = {}
     steps: set[int] = set()
@@ -149,10 +149,10 @@ def compile(groups: list[GroupSpec], weights: Weights, options: dict[str, Any]) 
     return BackendBuild(tensors, {"backend": NAME, **public, "groups": client_groups}, public)
 
 
-def _parameters(params: dict[str, Any]) -> sealx.CKKSParameters:
+def _parameters(params: dict[str, Any]) -> seal.CKKSParameters:
     ckks = dict(params["ckks"])
     ckks["coeff_bits"] = tuple(ckks["coeff_bits"])
-    return sealx.CKKSParameters(**ckks)
+    return seal.CKKSParameters(**ckks)
 
 
 class Client(OneMessage):
@@ -162,22 +162,22 @@ class Client(OneMessage):
         self.params = _parameters(params)
         self.steps = [int(s) for s in params["steps"]]
         self.betas = {key: float(g["beta"]) for key, g in params["groups"].items()}
-        self.ctx = sealx.context(self.params)
-        self.keygen, self.encryptor, self.decryptor = sealx.client_keys(self.ctx, secret_key)
-        self.encoder = seal.CKKSEncoder(self.ctx)
+        self.ctx = seal.context(self.params)
+        self.keygen, self.encryptor, self.decryptor = seal.client_keys(self.ctx, secret_key)
+        self.encoder = sealapi.CKKSEncoder(self.ctx)
         self.scale = 2.0**self.params.scale_bits
         self.layouts: dict[str, Layout] = {}
 
     def secret_key(self) -> bytes:
         """For the client's own key cache; never sent."""
-        return sealx.to_bytes(self.keygen.secret_key())
+        return seal.to_bytes(self.keygen.secret_key())
 
     def evaluation_keys(self) -> bytes:
         """Rotation keys for the compiled steps only, and a public key (for re-randomisation)."""
-        galois = self.keygen.create_galois_keys(sealx.galois_elements(self.steps, self.params.poly_modulus_degree))
-        public = seal.PublicKey()
+        galois = self.keygen.create_galois_keys(seal.galois_elements(self.steps, self.params.poly_modulus_degree))
+        public = sealapi.PublicKey()
         self.keygen.create_public_key(public)
-        return frame([sealx.to_bytes(galois), sealx.to_bytes(public)])
+        return frame([seal.to_bytes(galois), seal.to_bytes(public)])
 
     def _layout(self, group: GroupSpec) -> Layout:
         if group.key not in self.layouts:
@@ -194,14 +194,14 @@ class Client(OneMessage):
             chunk = rows[start:start + lay.rows_per_ciphertext]
             slots = np.zeros((lay.rows_per_ciphertext, lay.block))
             slots[:len(chunk)] = np.tile(chunk, lay.block // lay.d_pad)
-            plain = seal.Plaintext()
+            plain = sealapi.Plaintext()
             self.encoder.encode(slots.reshape(-1).tolist(), self.ctx.first_parms_id(), self.scale, plain)
-            blobs.append(sealx.to_bytes(self.encryptor.encrypt_symmetric(plain)))  # seeded: half size
+            blobs.append(seal.to_bytes(self.encryptor.encrypt_symmetric(plain)))  # seeded: half size
         return frame(blobs), (scale, leading)
 
     def _decrypt_slots(self, blob: bytes) -> np.ndarray:
-        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "reply ciphertext")
-        plain = seal.Plaintext()
+        ct = seal.from_bytes(sealapi.Ciphertext, self.ctx, blob, "reply ciphertext")
+        plain = sealapi.Plaintext()
         self.decryptor.decrypt(ct, plain)
         return np.asarray(self.encoder.decode_double(plain))
 
@@ -247,9 +247,9 @@ class Server(OneMessage):
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.params = _parameters(params)
         self.flood = FloodParams(**params["flood"])
-        self.ctx = sealx.context(self.params)
-        self.encoder = seal.CKKSEncoder(self.ctx)
-        self.evaluator = seal.Evaluator(self.ctx)
+        self.ctx = seal.context(self.params)
+        self.encoder = sealapi.CKKSEncoder(self.ctx)
+        self.evaluator = sealapi.Evaluator(self.ctx)
         self.scale = 2.0**self.params.scale_bits
         levels = [self.ctx.first_context_data()]
         while levels[-1].next_context_data() is not None:
@@ -260,34 +260,34 @@ class Server(OneMessage):
                         for g in groups}
         self.rng = SystemRandom()
 
-    def _encode(self, level: int, values: np.ndarray, scale: float | None = None) -> seal.Plaintext:
-        plain = seal.Plaintext()
+    def _encode(self, level: int, values: np.ndarray, scale: float | None = None) -> sealapi.Plaintext:
+        plain = sealapi.Plaintext()
         self.encoder.encode(values.tolist(), self.parms_ids[level], scale or self.scale, plain)
         return plain
 
-    def open_session(self, evaluation_keys: bytes) -> Session:
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
         galois_bytes, public_bytes = unframe(evaluation_keys, 2)
-        galois = sealx.from_bytes(seal.GaloisKeys, self.ctx, galois_bytes, "rotation keys")
-        public = sealx.from_bytes(seal.PublicKey, self.ctx, public_bytes, "public key")
-        return Session(galois, seal.Encryptor(self.ctx, public))
+        galois = seal.from_bytes(sealapi.GaloisKeys, self.ctx, galois_bytes, "rotation keys")
+        public = seal.from_bytes(sealapi.PublicKey, self.ctx, public_bytes, "public key")
+        return Session(galois, sealapi.Encryptor(self.ctx, public))
 
-    def _load_input(self, blob: bytes) -> seal.Ciphertext:
-        ct = sealx.from_bytes(seal.Ciphertext, self.ctx, blob, "input ciphertext")
+    def _load_input(self, blob: bytes) -> sealapi.Ciphertext:
+        ct = seal.from_bytes(sealapi.Ciphertext, self.ctx, blob, "input ciphertext")
         if ct.size() != 2 or ct.parms_id() != self.parms_ids[0] or ct.scale != self.scale:
             raise PayloadError("input ciphertext has the wrong size, level or scale")
         return ct
 
-    def _product(self, ct: seal.Ciphertext, plain: seal.Plaintext) -> seal.Ciphertext:
-        out = seal.Ciphertext()
+    def _product(self, ct: sealapi.Ciphertext, plain: sealapi.Plaintext) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
         self.evaluator.multiply_plain(ct, plain, out)
         return out
 
-    def _rotated(self, ct: seal.Ciphertext, step: int, session: Session) -> seal.Ciphertext:
-        out = seal.Ciphertext()
+    def _rotated(self, ct: sealapi.Ciphertext, step: int, session: Session) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
         self.evaluator.rotate_vector(ct, step, session.galois, out)
         return out
 
-    def _row(self, kernel: _Kernel, x: seal.Ciphertext, session: Session) -> list[bytes]:
+    def _row(self, kernel: _Kernel, x: sealapi.Ciphertext, session: Session) -> list[bytes]:
         ev, lay = self.evaluator, kernel.layout
         babies = [x] + [self._rotated(x, b, session) for b in range(1, min(lay.baby, lay.r_pad))]
         z = None
@@ -312,13 +312,13 @@ class Server(OneMessage):
             outputs.append(out)
         return [self._finish(out, session) for out in outputs]
 
-    def _finish(self, out: seal.Ciphertext, session: Session) -> bytes:
+    def _finish(self, out: sealapi.Ciphertext, session: Session) -> bytes:
         """Both protections of a reply (docs/security.md), then its bytes."""
         self._add_error(out)
         self._rerandomise(out, session)
-        return sealx.to_bytes(out)
+        return seal.to_bytes(out)
 
-    def _add_error(self, out: seal.Ciphertext) -> None:
+    def _add_error(self, out: sealapi.Ciphertext) -> None:
         """PLL error: ``delta * e`` in every slot, which floods the kernel's own noise (that noise
         depends on the weights)."""
         error = discrete_gaussian(self.rng, self.flood.sigma, math.ceil(self.flood.tail * self.flood.sigma),
@@ -326,10 +326,10 @@ class Server(OneMessage):
         self.evaluator.add_plain_inplace(out, self._encode(len(self.parms_ids) - 1,
                                                            error * 2.0**-self.flood.precision_bits, out.scale))
 
-    def _rerandomise(self, out: seal.Ciphertext, session: Session) -> None:
+    def _rerandomise(self, out: sealapi.Ciphertext, session: Session) -> None:
         """A fresh public-key encryption of zero: without it the reply's mask (c1) would be a
         function of the client's own ciphertext and the weights only."""
-        zero = seal.Ciphertext()
+        zero = sealapi.Ciphertext()
         session.encryptor.encrypt_zero(out.parms_id(), zero)
         zero.scale = out.scale
         self.evaluator.add_inplace(out, zero)

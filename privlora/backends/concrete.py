@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from privlora.backends.base import (BackendBuild, GroupSpec, OneMessage, PayloadError, Request, Weights, block_diagonal,
-                                    check_message, delta_of, frame, rows_of, unframe)
+from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, PendingStore, Request, Weights
+from privlora.backends.common import OneMessage, block_diagonal, check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, decode, discrete_gaussian,
                                    encode_input, pll_params, quantize_group)
 
@@ -194,7 +194,7 @@ class Server(OneMessage):
                                    tensors[f"{group.key}.b_t"].astype(np.int64)) for group in groups}
         self.rng = SystemRandom()
 
-    def open_session(self, evaluation_keys: bytes):
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None):
         fhe = _fhe()
         try:
             return fhe.EvaluationKeys.deserialize(evaluation_keys)

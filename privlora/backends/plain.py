@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from privlora.backends.base import (BackendBuild, GroupSpec, KeylessClient, MessageOrderError, OneMessage,
-                                    PayloadError, Request, Weights, check_message, delta_of, pack, refuse_keys,
-                                    rows_of, unpack)
+from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
+                                    Weights)
+from privlora.backends.common import (KeylessClient, OneMessage, check_message, delta_of, pack, refuse_keys, rows_of, unpack)
 from privlora.backends.pll import (PLLError, PLLParams, QuantizedSite, decode, encode_input, finish_masked,
                                    masked_intermediate, pll_params, quantize_group, respond)
 
@@ -86,20 +86,27 @@ class Client(KeylessClient):
 
 @dataclass
 class Session:
-    """One client's pending masks: t of each group's message 0, until its message 1."""
+    """One client's pending masks: t of each group's message 0, until its message 1 (one exchange
+    per group at a time: its id is 0)."""
 
-    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    pending: PendingStore = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keep(self, key: str, masks: list[np.ndarray]) -> None:
+        with self.lock:
+            self.pending[(key, 0)] = masks
 
     def take(self, key: str) -> list[np.ndarray]:
         with self.lock:
-            masks = self.masks.pop(key, None)
+            masks = self.pending.pop((key, 0), None)
         if masks is None:
             raise MessageOrderError(f"message 1 of {key} without a pending message 0 (out of order or replayed)")
         return masks
 
 
 class Server:
+    replicable = True
+
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.params = PLLParams(**params["pll"])
         self.messages = PROTOCOLS[_protocol(params)]
@@ -109,9 +116,9 @@ class Server:
         a_hat, b_hat = (tensors[f"{site_id}.{name}"].astype(np.int64) for name in ("a_hat", "b_hat"))
         return QuantizedSite(a_hat, b_hat, np.ones(b_hat.shape[0]), int(tensors[f"{site_id}.modulus"][0]), self.params)
 
-    def open_session(self, evaluation_keys: bytes) -> Session:
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
         refuse_keys(evaluation_keys)
-        return Session()
+        return Session({} if pending is None else pending)
 
     def offline_seconds(self, session: Session) -> float:
         return 0.0
@@ -136,8 +143,7 @@ class Server:
             return pack(np.concatenate([respond(site, request.data) for site in sites], axis=-1))
         if request.message == 0:
             masked = [masked_intermediate(site, request.data) for site in sites]
-            with session.lock:
-                session.masks[group.key] = [mask for _, mask in masked]
+            session.keep(group.key, [mask for _, mask in masked])
             return pack(np.concatenate([z for z, _ in masked], axis=-1))
         masks = session.take(group.key)
         if len(request.data) != len(masks[0]):

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from privlora.backends.base import (BackendBuild, GroupSpec, KeylessClient, OneMessage, Request, Weights,
-                                    check_message, delta_of, pack, refuse_keys, unpack)
+from privlora.backends.base import BackendBuild, GroupSpec, PendingStore, Request, Weights
+from privlora.backends.common import KeylessClient, OneMessage, check_message, delta_of, pack, refuse_keys, unpack
 
 NAME = "reference"
 # the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
@@ -44,7 +44,7 @@ class Server(OneMessage):
         self.sites = {group.key: [(tensors[f"{s.site_id}.lora_A"], tensors[f"{s.site_id}.lora_B"], np.float32(s.scaling))
                                   for s in group.sites] for group in groups}
 
-    def open_session(self, evaluation_keys: bytes) -> None:
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> None:
         refuse_keys(evaluation_keys)
 
     def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:

@@ -7,17 +7,20 @@ Kept apart from the ``ckks`` backend so that the kernel reads as the algorithm, 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import struct
 import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tenseal.sealapi as seal
+from tenseal import sealapi
 
 from privlora.backends.base import PayloadError
 
@@ -52,25 +55,25 @@ class CKKSParameters:
         return self.coeff_bits[0] - 2 - self.h_scale_bits
 
 
-def context(params: CKKSParameters) -> seal.SEALContext:
-    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+def context(params: CKKSParameters) -> sealapi.SEALContext:
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
-    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    parms.set_coeff_modulus(sealapi.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
+    ctx = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
     if not ctx.parameters_set():
         raise ValueError(f"invalid CKKS parameters: {ctx.parameters_error_message()}")
     return ctx
 
 
-def client_keys(ctx: seal.SEALContext, secret_key: bytes | None) -> tuple[Any, Any, Any]:
+def client_keys(ctx: sealapi.SEALContext, secret_key: bytes | None) -> tuple[Any, Any, Any]:
     """A client's key generator (fresh keys, or the cached secret key reloaded), and the
     symmetric encryptor and the decryptor of that secret key."""
     if secret_key is None:
-        keygen = seal.KeyGenerator(ctx)
+        keygen = sealapi.KeyGenerator(ctx)
     else:
-        keygen = seal.KeyGenerator(ctx, from_bytes(seal.SecretKey, ctx, secret_key, "secret key"))
+        keygen = sealapi.KeyGenerator(ctx, from_bytes(sealapi.SecretKey, ctx, secret_key, "secret key"))
     secret = keygen.secret_key()
-    return keygen, seal.Encryptor(ctx, secret), seal.Decryptor(ctx, secret)
+    return keygen, sealapi.Encryptor(ctx, secret), sealapi.Decryptor(ctx, secret)
 
 
 def galois_elements(steps: Iterable[int], poly_modulus_degree: int) -> list[int]:
@@ -141,7 +144,7 @@ def to_bytes(obj: Any) -> bytes:
         _unlink(path)
 
 
-def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes, what: str) -> Any:
+def from_bytes(factory: Callable[[], Any], ctx: sealapi.SEALContext, payload: bytes, what: str) -> Any:
     """Load a SEAL object, turning SEAL's validation errors into :class:`PayloadError`."""
     if len(payload) < _HEADER.size or _HEADER.unpack_from(payload)[-1] != len(payload):
         raise PayloadError(f"malformed {what}: its SEAL header does not match its length")  # SEAL ignores extra bytes
@@ -158,7 +161,7 @@ def from_bytes(factory: Callable[[], Any], ctx: seal.SEALContext, payload: bytes
 
 
 def _header(size: int) -> bytes:
-    return _HEADER.pack(_MAGIC, _HEADER.size, *_VERSION, int(seal.COMPR_MODE_TYPE.NONE), 0, size)
+    return _HEADER.pack(_MAGIC, _HEADER.size, *_VERSION, int(sealapi.COMPR_MODE_TYPE.NONE), 0, size)
 
 
 def plaintext_bytes(coefficients: np.ndarray) -> bytes:
@@ -171,14 +174,106 @@ def plaintext_bytes(coefficients: np.ndarray) -> bytes:
     return _header(_HEADER.size + len(body)) + body
 
 
-def plaintext(ctx: seal.SEALContext, coefficients: np.ndarray) -> seal.Plaintext:
+def plaintext(ctx: sealapi.SEALContext, coefficients: np.ndarray) -> sealapi.Plaintext:
     """A SEAL plaintext with these coefficients (each below the plain modulus)."""
-    return from_bytes(seal.Plaintext, ctx, plaintext_bytes(coefficients), "plaintext")
+    return from_bytes(sealapi.Plaintext, ctx, plaintext_bytes(coefficients), "plaintext")
 
 
-def coefficients(plain: seal.Plaintext, positions: list[int], degree: int) -> np.ndarray:
+def coefficients(plain: sealapi.Plaintext, positions: list[int], degree: int) -> np.ndarray:
     """The plaintext's coefficients at ``positions`` (SEAL trims trailing zero coefficients: pad
     back to the ring degree first)."""
     if plain.coeff_count() < degree:
         plain.resize(degree)
     return np.fromiter(map(plain.data, positions), dtype=np.uint64, count=len(positions))
+
+
+class ZeroPool:
+    """Fresh public-key encryptions of zero, made ahead of time: a reply is re-randomised with one
+    of them, used once. Making one costs about 1 ms, 60-70% of a reply ciphertext, so a
+    background thread makes them while the server is idle (between a client's requests) and a
+    reply takes a ready one, or makes its own when none is left. The time spent making them is
+    counted (``made_seconds``): it is work moved off the critical path, never hidden."""
+
+    def __init__(self, encryptor: Any, parms_id: list[int], target: int) -> None:
+        self.encryptor, self.parms_id, self.target = encryptor, parms_id, target
+        self.ready: collections.deque[sealapi.Ciphertext] = collections.deque()
+        self.made_seconds = 0.0
+        self.made = 0
+        self.taken_ready = 0  # replies re-randomised with a zero made ahead of time
+
+    def make(self) -> sealapi.Ciphertext:
+        start = time.perf_counter()
+        zero = sealapi.Ciphertext()
+        self.encryptor.encrypt_zero(self.parms_id, zero)
+        self.made_seconds += time.perf_counter() - start
+        self.made += 1
+        return zero
+
+    @property
+    def short(self) -> bool:
+        return len(self.ready) < self.target
+
+    def refill(self) -> None:
+        """One more zero for the pool (the background thread's unit of work)."""
+        self.ready.append(self.make())
+
+    def take(self) -> sealapi.Ciphertext:
+        try:
+            zero = self.ready.popleft()  # deque operations are atomic: no lock needed
+        except IndexError:
+            return self.make()
+        self.taken_ready += 1
+        return zero
+
+    @property
+    def offline_seconds(self) -> float:
+        """The time the zeros taken from the pool cost to make, ahead of time."""
+        return self.taken_ready * self.made_seconds / max(self.made, 1)
+
+
+class IdleFiller:
+    """One daemon thread per server that tops up its sessions' zero pools (any session object
+    with a ``zeros`` :class:`ZeroPool`) while no request is being evaluated. The SEAL bindings
+    hold the GIL, so work in a thread only pays when the server would otherwise wait; it yields
+    the GIL after every zero, so a request that arrives waits at most one zero's time
+    (docs/benchmarks.md has the figures)."""
+
+    def __init__(self) -> None:
+        self.sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.busy = 0  # requests being evaluated
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, session: Any) -> None:
+        with self.lock:
+            self.sessions.add(session)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="privlora-bfv-zeros", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.busy -= 1
+        self.wake.set()
+
+    def _next(self) -> Any | None:
+        with self.lock:
+            if self.busy:
+                return None
+            return next((session for session in list(self.sessions) if session.zeros.short), None)
+
+    def _run(self) -> None:
+        while True:
+            session = self._next()
+            if session is None:
+                self.wake.clear()
+                self.wake.wait(timeout=1.0)
+                continue
+            session.zeros.refill()
+            time.sleep(0)  # hand the GIL to a request that is waiting for it

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Interpreter
 
 from privlora.compiler.frontend import SampleStep
 from privlora.compiler.pass_manager import CompileError
-from privlora.runtime.onnx_runtime import Segment
+from privlora.client.segments import Segment
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| / max(1, max |torch|) per output

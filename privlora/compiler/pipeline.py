@@ -11,11 +11,11 @@ from torch.fx import GraphModule
 from privlora.compiler.frontend import sample_steps, trace
 from privlora.compiler.instruments import IRDumper, NumericCheck
 from privlora.compiler.pass_manager import Analyses, Instrument, Pass, PassManager
-from privlora.passes.annotate_privacy import annotate_privacy
-from privlora.passes.fuse_pll import fuse_pll
-from privlora.passes.lora_to_pll import lora_to_pll
-from privlora.passes.partition import partition
-from privlora.passes.schedule_rounds import schedule_rounds
+from privlora.compiler.passes.annotate_privacy import annotate_privacy
+from privlora.compiler.passes.fuse_pll import fuse_pll
+from privlora.compiler.passes.lora_to_pll import lora_to_pll
+from privlora.compiler.passes.partition import partition
+from privlora.compiler.passes.schedule_rounds import schedule_rounds
 
 DEFAULT_PASSES: list[Pass] = [annotate_privacy, lora_to_pll, fuse_pll, schedule_rounds, partition]
 

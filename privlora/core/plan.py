@@ -2,7 +2,7 @@
 
 The runtime does not need torch.fx. It needs the order of the steps (public segments and
 private rounds) and, for each step, which named values it reads and writes. ``Plan`` is that
-information. The compiler reads it off the partitioned graph (``privlora.compiler.plan``) and
+information. The compiler reads it off the partitioned graph (``privlora.compiler.plan_builder``) and
 serialises it into the manifest; :func:`run_plan` executes it with any step implementation (ONNX
 Runtime sessions for public segments, a backend for rounds).
 """

@@ -12,7 +12,7 @@ from privlora.models import smollm2
 from privlora.models.checkpoint import build_model, read_config
 from privlora.models.lora import LoraAdapter, attach_adapter, read_adapter
 from privlora.models.registry import architecture
-from privlora.models.tokenizer import has_tokenizer, load_tokenizer
+from privlora.models.hf_tokenizer import has_tokenizer, load_tokenizer
 
 DEFAULT_BASE = "smollm2"
 

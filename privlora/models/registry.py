@@ -8,7 +8,7 @@ from typing import Any
 
 from privlora.core.types import ModelShape
 from privlora.errors import UnsupportedModelError
-from privlora.models import chatglm2, gemma, llama, mistral, phi3, qwen2
+from privlora.models.architectures import chatglm2, gemma, llama, mistral, phi3, qwen2
 from privlora.models.contract import Architecture
 
 __all__ = ["ARCHITECTURES", "Architecture", "architecture", "describe"]

@@ -71,7 +71,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from privlora.models.tokenizer import fix_special_tokens
+    from privlora.models.hf_tokenizer import fix_special_tokens
 
     print(f"privlora: converting {gguf.name} to float32 safetensors in {out.parent} (once) ...")
     verbosity = hf_logging.get_verbosity()

@@ -1,6 +1,6 @@
 """A torch decoder as the runtime's step function.
 
-The generation loop (``privlora.runtime.generation``) runs on numpy arrays so that a client
+The generation loop (``privlora.client.generation``) runs on numpy arrays so that a client
 needs no torch. The plaintext models are torch modules; :class:`TorchStep` converts at the
 boundary, so the same loop drives the plaintext model and the secure client.
 """

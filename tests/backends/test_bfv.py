@@ -11,18 +11,22 @@ polynomial: SEAL keeps it in NTT form, so the helpers below make it decrypt a cr
 
 from __future__ import annotations
 
+import dataclasses
+
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
-import tenseal.sealapi as seal
+from tenseal import sealapi
 from test_pll import UNIFORM, uniformity_score
 
 from privlora.backends import bfv
-from privlora.backends import seal as sealx
-from privlora.backends.base import MessageOrderError, PayloadError, Request, Weights, exchange, frame, local_send, unframe
+from privlora.backends import seal
+from privlora.backends.base import MessageOrderError, PayloadError, Request, Weights
+from privlora.backends.common import frame, unframe
+from privlora.backends.exchange import exchange, local_send
 from privlora.backends.pll import PLLError, centred, encode_input
 from privlora.core.types import GroupSpec, PLLSite
 
@@ -80,16 +84,16 @@ def deploy(groups: list[GroupSpec], weights: Weights, options: dict[str, Any] | 
     return Deployment(build.server_tensors, client, server, server.open_session(client.evaluation_keys()))
 
 
-def load_ciphertext(client: bfv.Client, blob: bytes) -> seal.Ciphertext:
-    return sealx.from_bytes(seal.Ciphertext, client.ctx, blob, "ciphertext")
+def load_ciphertext(client: bfv.Client, blob: bytes) -> sealapi.Ciphertext:
+    return seal.from_bytes(sealapi.Ciphertext, client.ctx, blob, "ciphertext")
 
 
-def plaintext_of(client: bfv.Client, ct: seal.Ciphertext) -> np.ndarray:
+def plaintext_of(client: bfv.Client, ct: sealapi.Ciphertext) -> np.ndarray:
     """Every coefficient of the decryption of ``ct`` (int64, mod p)."""
-    plain = seal.Plaintext()
+    plain = sealapi.Plaintext()
     client.decryptor.decrypt(ct, plain)
     degree = ct.poly_modulus_degree()
-    return sealx.coefficients(plain, list(range(degree)), degree).astype(np.int64)
+    return seal.coefficients(plain, list(range(degree)), degree).astype(np.int64)
 
 
 def decrypted_reply(client: bfv.Client, reply: bytes) -> np.ndarray:
@@ -183,7 +187,7 @@ def test_the_pll_error_has_the_configured_spread(options: dict[str, Any], floode
 class WithoutRerandomisation(bfv.Server):
     """Test-only control: replies carry the mask, the error and the switch, no fresh encryption of zero."""
 
-    def _rerandomise(self, ct: seal.Ciphertext, session: bfv.Session) -> None:
+    def _rerandomise(self, ct: sealapi.Ciphertext, session: bfv.Session) -> None:
         """Leaves the reply as the product, the mask and the switch made it."""
 
 
@@ -251,8 +255,8 @@ class KeyedByGroupOnly(bfv.Server):
     """Control: t kept under the group alone, as before exchange ids (the payload's id ignored)."""
 
     def _evaluate(self, group, request, session):
-        layout, _, inputs = request.data
-        return super()._evaluate(group, Request(request.message, request.rows, (layout, 0, inputs)), session)
+        unkeyed = dataclasses.replace(request.data, exchange=0)
+        return super()._evaluate(group, Request(request.message, request.rows, unkeyed), session)
 
 
 @pytest.mark.parametrize("server_class, right", [(bfv.Server, True), (KeyedByGroupOnly, False)])
@@ -347,7 +351,7 @@ def seal_header(template: bytes, size: int) -> bytes:
     """SEAL's header for an uncompressed object of ``size`` bytes, with this build's version
     (read from an object it saved)."""
     magic, header_size, major, minor, _, reserved, _ = _HEADER.unpack_from(template)
-    return _HEADER.pack(magic, header_size, major, minor, int(seal.COMPR_MODE_TYPE.NONE), reserved, size)
+    return _HEADER.pack(magic, header_size, major, minor, int(sealapi.COMPR_MODE_TYPE.NONE), reserved, size)
 
 
 def ciphertext_bytes(template: bytes, parms_id: list[int], polynomials: np.ndarray) -> bytes:
@@ -361,7 +365,7 @@ def ciphertext_bytes(template: bytes, parms_id: list[int], polynomials: np.ndarr
     return seal_header(template, _HEADER.size + len(body)) + body
 
 
-def primes(client: bfv.Client, ct: seal.Ciphertext) -> list[int]:
+def primes(client: bfv.Client, ct: sealapi.Ciphertext) -> list[int]:
     return [m.value() for m in client.ctx.get_context_data(ct.parms_id()).parms().coeff_modulus()]
 
 
@@ -377,7 +381,7 @@ def secret_polynomial(client: bfv.Client, template: bytes) -> np.ndarray:
     return np.where(s == client.modulus - 1, -1, s)
 
 
-def coefficients(ct: seal.Ciphertext) -> np.ndarray:
+def coefficients(ct: sealapi.Ciphertext) -> np.ndarray:
     """``[2, moduli, degree]`` residues of a size-2 ciphertext in coefficient form."""
     assert ct.size() == 2 and not ct.is_ntt_form()
     count = 2 * ct.coeff_modulus_size() * ct.poly_modulus_degree()
@@ -398,7 +402,7 @@ def negacyclic_product(a: np.ndarray, s: np.ndarray) -> np.ndarray:
     return total
 
 
-def decryption_noise(client: bfv.Client, ct: seal.Ciphertext, s: np.ndarray) -> tuple[np.ndarray, int]:
+def decryption_noise(client: bfv.Client, ct: sealapi.Ciphertext, s: np.ndarray) -> tuple[np.ndarray, int]:
     """The noise v of every coefficient, c0 + c1 s = (Q/p) m + v (mod Q), in units of the
     ciphertext's own modulus Q (returned with it): residues combined by CRT, m from decryption."""
     residues, moduli = coefficients(ct), primes(client, ct)
@@ -454,13 +458,13 @@ FRESH = 0.08  # |correlation| of independent noises over 4096 coefficients: one 
 class SwitchFirst(bfv.Server):
     """Test-only variant in the order the backend must not use: switch, then re-randomise."""
 
-    def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: bfv.Session) -> bytes:
-        self.evaluator.add_plain_inplace(total, sealx.plaintext(self.ctx, added))
+    def _finish(self, total: sealapi.Ciphertext, added: np.ndarray, session: bfv.Session) -> bytes:
+        self.evaluator.add_plain_inplace(total, seal.plaintext(self.ctx, added))
         self.evaluator.mod_switch_to_inplace(total, self.last)
-        zero = seal.Ciphertext()
+        zero = sealapi.Ciphertext()
         session.zeros.encryptor.encrypt_zero(self.last, zero)
         self.evaluator.add_inplace(total, zero)
-        return sealx.to_bytes(total)
+        return seal.to_bytes(total)
 
 
 @pytest.mark.parametrize("privacy, server_class, fresh", [("rigorous", bfv.Server, True), ("fast", bfv.Server, True),
@@ -493,8 +497,8 @@ class NoiseTap(bfv.Server):
         super().__init__(*args)
         self.products: list[bytes] = []
 
-    def _finish(self, total: seal.Ciphertext, added: np.ndarray, session: bfv.Session) -> bytes:
-        self.products.append(sealx.to_bytes(total))
+    def _finish(self, total: sealapi.Ciphertext, added: np.ndarray, session: bfv.Session) -> bytes:
+        self.products.append(seal.to_bytes(total))
         return super()._finish(total, added, session)
 
 

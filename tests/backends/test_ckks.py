@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tenseal.sealapi as seal
+from tenseal import sealapi
 
 from privlora.backends import ckks
-from privlora.backends import seal as sealx
-from privlora.backends.base import PayloadError, Weights, exchange, frame, local_send, unframe
+from privlora.backends import seal
+from privlora.backends.base import PayloadError, Weights
+from privlora.backends.common import frame, unframe
+from privlora.backends.exchange import exchange, local_send
 from privlora.core.types import GroupSpec, PLLSite
 
 rng = np.random.default_rng(3)
@@ -120,15 +122,15 @@ def test_uploads_are_seeded_and_replies_come_at_the_last_level(session):
     full_ciphertext = 2 * 8192 * 2 * 8  # two polynomials at the top level (q0 q1), uncompressed
     assert len(request) < 0.55 * full_ciphertext
     (reply,) = unframe(local_send(server, g, keys)(0, request))
-    ct = sealx.from_bytes(seal.Ciphertext, client.ctx, reply, "reply")
+    ct = seal.from_bytes(sealapi.Ciphertext, client.ctx, reply, "reply")
     assert ct.coeff_modulus_size() == 1
 
 
 def test_inputs_at_the_wrong_scale_or_level_are_refused(session):
     g, client, server, keys = session
-    plain = seal.Plaintext()
+    plain = sealapi.Plaintext()
     client.encoder.encode([0.5] * 4096, client.ctx.first_parms_id(), 2.0**30, plain)
-    wrong_scale = sealx.to_bytes(client.encryptor.encrypt_symmetric(plain))
+    wrong_scale = seal.to_bytes(client.encryptor.encrypt_symmetric(plain))
     with pytest.raises(PayloadError, match="scale"):
         server.parse(g, 0, frame([wrong_scale]))
     with pytest.raises(PayloadError, match="malformed"):
@@ -137,7 +139,7 @@ def test_inputs_at_the_wrong_scale_or_level_are_refused(session):
 
 def test_parameters_outside_seal_security_bound_are_refused():
     with pytest.raises(ValueError, match="invalid CKKS parameters"):
-        sealx.context(sealx.CKKSParameters(coeff_bits=(60, 60, 60, 60)))
+        seal.context(seal.CKKSParameters(coeff_bits=(60, 60, 60, 60)))
 
 
 def test_unknown_options_are_refused():
@@ -149,7 +151,7 @@ def test_unknown_options_are_refused():
 class WithoutRerandomisation(ckks.Server):
     """Test-only control: replies carry the PLL error but no fresh encryption of zero."""
 
-    def _rerandomise(self, out: seal.Ciphertext, session: ckks.Session) -> None:
+    def _rerandomise(self, out: sealapi.Ciphertext, session: ckks.Session) -> None:
         """Leaves the reply as the kernel and the error made it."""
 
 
@@ -201,7 +203,7 @@ def error_spread(replies: TwoReplies) -> float:
 def mask_polynomial(client: ckks.Client, reply: bytes) -> np.ndarray:
     """c1 of a reply ciphertext, the part that multiplies the secret key. The error is a plaintext
     added to c0, so without re-randomisation two replies to one request share their c1."""
-    ct = sealx.from_bytes(seal.Ciphertext, client.ctx, reply, "reply ciphertext")
+    ct = seal.from_bytes(sealapi.Ciphertext, client.ctx, reply, "reply ciphertext")
     size, data = ct.coeff_modulus_size() * ct.poly_modulus_degree(), ct.dyn_array()
     return np.array([data.at(i) for i in range(size, 2 * size)], dtype=np.uint64)
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_adapter
-from leakscan import adapter_secrets, find_leaks, public_base
+from support.leakscan import adapter_secrets, find_leaks, public_base
 from privlora.cli import main
 from privlora.core.artifact import CLIENT, MANIFEST, ArtifactError, load_bundle
 from privlora.compiler.driver import compile_artifact
 from privlora.compiler.frontend import sample_steps
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.runtime.client import open_local
-from privlora.runtime.generation import GenerationConfig, generate
+from privlora.local import open_local
+from privlora.client.generation import GenerationConfig, generate
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

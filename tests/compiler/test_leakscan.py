@@ -1,4 +1,4 @@
-"""The client-bundle leak scan (tests/leakscan.py) on real ONNX exports: every backend's client
+"""The client-bundle leak scan (tests/support/leakscan.py) on real ONNX exports: every backend's client
 bundle reports nothing and holds only the crypto.json keys its backend declares, and each detector
 finds the leak it is for, planted into a copy of a real client bundle."""
 
@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from safetensors.numpy import save_file
 
 from conftest import write_tiny_adapter
-from leakscan import PublicBase, adapter_secrets, find_leaks, public_base
+from support.leakscan import PublicBase, adapter_secrets, find_leaks, public_base
 from privlora.backends import available, load
 from privlora.compiler.driver import compile_artifact
 from privlora.core.artifact import CLIENT, CRYPTO

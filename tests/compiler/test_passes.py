@@ -21,11 +21,11 @@ from privlora.core.plan import Plan
 from privlora.core.types import PLLSite
 from privlora.models.loading import load_model
 from privlora.models.lora import LoraLinear
-from privlora.passes.annotate_privacy import PrivateWeightLeakError, annotate_privacy
-from privlora.passes.fuse_pll import fuse_pll
-from privlora.passes.lora_to_pll import lora_to_pll
-from privlora.passes.partition import partition
-from privlora.passes.schedule_rounds import schedule_rounds
+from privlora.compiler.passes.annotate_privacy import PrivateWeightLeakError, annotate_privacy
+from privlora.compiler.passes.fuse_pll import fuse_pll
+from privlora.compiler.passes.lora_to_pll import lora_to_pll
+from privlora.compiler.passes.partition import partition
+from privlora.compiler.passes.schedule_rounds import schedule_rounds
 
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

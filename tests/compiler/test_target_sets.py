@@ -22,8 +22,8 @@ from peft import PeftModel
 
 from conftest import write_tiny_adapter, write_tiny_llama
 from privlora.compiler.driver import compile_artifact
-from privlora.runtime.client import open_local
-from privlora.runtime.generation import GenerationConfig, generate
+from privlora.local import open_local
+from privlora.client.generation import GenerationConfig, generate
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_SETS = [[name] for name in PROJECTIONS] + [

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import step_inputs
-from leakscan import adapter_secrets, find_leaks, public_base
+from support.leakscan import adapter_secrets, find_leaks, public_base
 from privlora.paths import DEMO_ADAPTER
 from privlora.core.artifact import CLIENT
 from privlora.compiler.driver import compile_artifact
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.models.tokenizer import encode_chat
-from privlora.runtime.client import open_local
+from privlora.models.hf_tokenizer import encode_chat
+from privlora.local import open_local
 
 pytestmark = pytest.mark.smollm2
 

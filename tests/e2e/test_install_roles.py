@@ -22,8 +22,8 @@ import pytest
 from privlora.core.artifact import MANIFEST
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.tokenizer import load_client_tokenizer
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.tokenizer import load_client_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 FULL_VENV = Path(sys.prefix)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from privlora.cli import build_parser, main
-from privlora.runtime.tokenizer import load_client_tokenizer
+from privlora.client.tokenizer import load_client_tokenizer
 
 CONTEXT = 256  # TINY_LLAMA's max_position_embeddings
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -87,7 +87,7 @@ def plain(tiny_build) -> Path:
 @pytest.fixture
 def spy_rounds(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Every private message an in-process generation sends to its server."""
-    from privlora.runtime.transport import InProcessTransport
+    from privlora.local import InProcessTransport
 
     calls: list[tuple] = []
     original = InProcessTransport.evaluate
@@ -149,7 +149,7 @@ def test_unreachable_server_in_process_is_one_line_runtime_error(plain, capsys):
 
 def test_check_context_boundary():
     from privlora.errors import UsageError
-    from privlora.runtime.generation import ContextLengthError, check_context
+    from privlora.client.generation import ContextLengthError, check_context
 
     check_context(CONTEXT - 10, 10, CONTEXT)  # exactly the context: accepted
     check_context(1, CONTEXT - 1, CONTEXT)

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from live import LiveServer
+from support.live import LiveServer
 from privlora.paths import DEMO_ADAPTER
 from privlora.compiler.driver import compile_artifact
 from privlora.core.inspection import summary
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.models.tokenizer import encode_chat
-from privlora.qa import load_qa
-from privlora.runtime.client import SecureClient, render_timings
-from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.transport import HttpTransport
+from privlora.models.hf_tokenizer import encode_chat
+from privlora.tools.qa import load_qa
+from privlora.client.secure import SecureClient
+from privlora.client.timings import render_timings
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.transports import HttpTransport
 
 pytestmark = pytest.mark.smollm2
 

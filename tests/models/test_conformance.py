@@ -39,9 +39,9 @@ from privlora.models.checkpoint import build_model, read_config
 from privlora.models.loading import load_model
 from privlora.models.registry import ARCHITECTURES, Architecture
 from privlora.models.step import TorchStep
-from privlora.runtime.client import open_local
-from privlora.runtime.generation import GenerationConfig, generate
-from privlora.runtime.tokenizer import load_client_tokenizer
+from privlora.local import open_local
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.tokenizer import load_client_tokenizer
 
 TOLERANCE = 1e-4
 PROMPT = [4, 8, 15, 16]

@@ -16,7 +16,7 @@ from conftest import TINY_VARIANTS, cached_greedy, step_inputs, write_tiny_llama
 from privlora.errors import UnsupportedModelError
 from privlora.models.checkpoint import build_model
 from privlora.models.step import TorchStep
-from privlora.runtime.generation import GenerationConfig, generate
+from privlora.client.generation import GenerationConfig, generate
 
 TOLERANCE = 1e-4
 # The default (GQA) configuration is the conformance suite's.

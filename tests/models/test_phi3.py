@@ -17,7 +17,7 @@ from privlora.errors import AdapterError, UnsupportedModelError
 from privlora.models.checkpoint import build_model
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.runtime.generation import GenerationConfig, generate
+from privlora.client.generation import GenerationConfig, generate
 
 TOLERANCE = 1e-4
 LONGROPE = {"type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],

@@ -14,7 +14,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3LongRoPEScaledRotaryEmbed
 
 from conftest import TINY_LLAMA, TINY_PHI3
 from privlora.errors import UnsupportedModelError
-from privlora.models.phi3 import rope_of
+from privlora.models.architectures.phi3 import rope_of
 from privlora.models.rope import RotaryEmbedding, llama_rope
 
 HEAD_DIM = TINY_LLAMA["head_dim"]

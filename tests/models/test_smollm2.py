@@ -12,14 +12,14 @@ from peft import PeftModel
 
 from conftest import step_inputs
 from privlora.paths import DEMO_ADAPTER
-from privlora.evaluate import ask, evaluate_facts
+from privlora.tools.evaluate import ask, evaluate_facts
 from privlora.models import smollm2
 from privlora.paths import CACHE_ENV_VAR
 from privlora.models.checkpoint import build_model
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
-from privlora.models.tokenizer import encode_chat, load_tokenizer
-from privlora.qa import load_qa
+from privlora.models.hf_tokenizer import encode_chat, load_tokenizer
+from privlora.tools.qa import load_qa
 
 pytestmark = pytest.mark.smollm2
 

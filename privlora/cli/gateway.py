@@ -1,0 +1,34 @@
+"""``privlora gateway``: an OpenAI-compatible API on the user's machine, with secure generation
+behind it (the prompts are encrypted here; the adapters stay on the server)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from privlora.cli.options import add_kept_pads_option, add_listen_options, add_server_options, assistants
+from privlora.cli.parsing import Subparsers, add_command
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(subparsers, "gateway", run,
+                         "an OpenAI-compatible API (chat completions, streaming) on this machine, with secure "
+                         "generation behind it: prompts are encrypted here, the adapters stay on the server")
+    parser.add_argument("artifact", nargs="+", help="artifact directories (each a model, named by its directory)")
+    add_server_options(parser)
+    add_kept_pads_option(parser)
+    add_listen_options(parser, port=8080)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from privlora.client.gateway import create_gateway
+    from privlora.server.http import UVICORN_PROTOCOLS
+
+    models = assistants(args)
+    app = create_gateway(models)
+    print(f"privlora gateway: models {', '.join(a.name for a in models)} on http://{args.host}:{args.port}/v1 "
+          f"(secure generation through {args.server or 'an in-process server'}; Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS)
+    return 0

@@ -1,0 +1,2 @@
+"""One module per architecture family, each exposing the ``Architecture`` record that
+``privlora.models.registry`` lists."""

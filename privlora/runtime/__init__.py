@@ -1,1 +1,0 @@
-"""Runtime: client, server, transport and the generation loop."""

@@ -1,0 +1,89 @@
+"""The one entry point of a privlora server: authentication, artifact routing and the caller's
+refusals, for every transport (the HTTP routes, the WebSocket stream, Ray Serve replicas and the
+in-process pairing of ``privlora.local``), so that every path runs the same code. It calls
+down into each hosted :class:`~privlora.server.private.PrivateServer`; they never call back."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from privlora.core.artifact import ArtifactError
+from privlora.core.wire import AuthError, ForbiddenError, SessionError, UnknownArtifactError
+from privlora.server.accounts import Account
+from privlora.server.private import SESSION_PREFIX, PrivateServer
+
+
+class Hosting:
+    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each with its own
+    sessions, limits and budgets, sharing one accounts database. A session id starts with its
+    artifact's id prefix, so a request naming a session reaches the right artifact."""
+
+    def __init__(self, servers: list[PrivateServer]) -> None:
+        self.servers = {server.artifact_id: server for server in servers}
+        if len(self.servers) != len(servers):
+            raise ArtifactError("the same artifact is named twice")
+        self._by_prefix = {server.session_prefix: server for server in servers}
+        if len(self._by_prefix) != len(servers):  # two ids sharing 12 hex digits: 2^-48
+            raise ArtifactError("two artifacts share their id prefix")
+        self.first = servers[0]
+        self.accounts = self.first.accounts
+        if any(server.accounts is not self.accounts for server in servers):
+            raise ArtifactError("the hosted artifacts must share one accounts database (or none)")
+
+    def account(self, authorization: str | None) -> Account | None:
+        """The account an ``Authorization: Bearer <token>`` header names; None without accounts.
+        AuthError (401) when the header is missing or the token unknown, ForbiddenError (403) when
+        it was revoked."""
+        if self.accounts is None:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing API token: send 'Authorization: Bearer <token>'")
+        return self.accounts.authenticate(token.strip())
+
+    def admin(self, authorization: str | None) -> None:
+        """Admits an admin account (or anyone, without accounts): the routes that show every account."""
+        account = self.account(authorization)
+        if account is not None and not account.admin:
+            raise ForbiddenError(f"account {account.name!r} is not an admin account")
+
+    def artifact(self, artifact: str | None) -> PrivateServer:
+        """The hosted artifact of this id (or unique id prefix); with one hosted, None names it."""
+        if artifact is None:
+            if len(self.servers) == 1:
+                return self.first
+            raise UnknownArtifactError(f"this server hosts {len(self.servers)} artifacts: name one (artifact=<id>)")
+        matches = [server for artifact_id, server in self.servers.items() if artifact_id.startswith(artifact)]
+        if len(matches) != 1 or not artifact:
+            raise UnknownArtifactError(f"no artifact {artifact[:16]!r} on this server")
+        return matches[0]
+
+    def session(self, session_id: str) -> PrivateServer:
+        server = self._by_prefix.get(session_id[:SESSION_PREFIX + 1])
+        if server is None:
+            raise SessionError("unknown or expired session")
+        return server
+
+    # The routes' work, the caller authenticated first (so that a stranger learns nothing of sessions).
+    def open_session(self, authorization: str | None, artifact: str | None, evaluation_keys: bytes) -> str:
+        account = self.account(authorization)
+        return self.artifact(artifact).open_session(evaluation_keys, account)
+
+    def close_session(self, authorization: str | None, session_id: str) -> None:
+        account = self.account(authorization)
+        self.session(session_id).close_session(session_id, account)
+
+    def evaluate(self, authorization: str | None, session_id: str, round_name: str, index: int, message: int,
+                 payload: bytes) -> bytes:
+        account = self.account(authorization)
+        return self.session(session_id).evaluate(session_id, round_name, index, message, payload, account)
+
+    def info(self) -> dict[str, Any]:
+        """The health answer: every hosted artifact, and with one, its fields at the top level too."""
+        artifacts = [server.describe() for server in self.servers.values()]
+        single = artifacts[0] if len(artifacts) == 1 else {}
+        return {**single, "artifacts": artifacts, "accounts": self.accounts is not None,
+                "sessions": sum(a["sessions"] for a in artifacts),
+                "session_key_bytes": sum(a["session_key_bytes"] for a in artifacts),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -1,0 +1,326 @@
+"""``privlora serve``: the :class:`PrivateServer` over HTTP (FastAPI + uvicorn), with TLS.
+
+Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"error": ...,
+"code": ...}``, the codes in ``core/wire.py``):
+
+- ``GET  /v1/health``: artifact id, backend, open sessions (never needs a token);
+- ``GET  /metrics``: Prometheus metrics (with accounts: an admin account's token);
+- ``POST /v1/sessions``: body = the client's evaluation keys -> ``{"session": id}``;
+- ``DELETE /v1/sessions/{id}``;
+- ``POST /v1/sessions/{id}/rounds/{round}/{group}/{message}``: body = message ``message`` of the
+  group's evaluation (0: the encrypted group input; later ones for backends of several messages)
+  -> the encrypted reply;
+- ``WS /v1/sessions/{id}/stream``: the same messages on one persistent WebSocket, a binary frame
+  each way (round, group and message in a small header; the reply frame starts with the status).
+
+With an accounts database every route but health takes ``Authorization: Bearer <token>``
+(the stream: on its handshake, checked again for every frame, so a revocation cuts it).
+
+Status codes: 400 malformed ciphertext or keys, 401 no or unknown token, 403 token revoked or
+query budget used up, 404 unknown or expired session, round or message, 409 a message out of
+order or replayed, 413 body too large, 429 rate limit (with ``Retry-After``), 503 no room for
+another session, or shutting down.
+
+Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
+several sessions are served at once. A bad request gets a 4xx and changes nothing. On SIGTERM
+the server stops taking work, answers what is in flight (HTTP requests and stream frames), then
+exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, TooLargeError, read_stream_request,
+                                refusal_of, stream_reply)
+from privlora.server.accounts import AccountStore
+from privlora.server.hosting import Hosting
+from privlora.server.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
+from privlora.server.private import PrivateServer
+from privlora.server.sessions import SessionLimits
+
+log = logging.getLogger("privlora.server")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    keys: int = 256 * 1024**2  # evaluation keys (ckks: ~10 MB; concrete: 64 B)
+    round: int = 256 * 1024**2  # one group's request (a long prompt's prefill has a ciphertext per token)
+
+
+# A client pauses between rounds while it runs the public segments and decrypts; uvicorn's
+# default of 5 s would close its connection under load (seen as "connection reset" in CI).
+KEEP_ALIVE_SECONDS = 120
+SHUTDOWN_GRACE_SECONDS = 60.0  # the longest a SIGTERM waits for in-flight work
+# The same protocol implementations whichever extras are installed (Ray Serve's uvicorn[standard]
+# brings httptools and uvloop), so that behaviour and figures do not depend on the install role.
+UVICORN_PROTOCOLS: dict[str, str] = {"http": "h11", "loop": "asyncio", "ws": "websockets"}
+
+
+class Drain:
+    """Work in flight, and whether the server is shutting down (then new work gets a 503)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+    async def wait(self, timeout: float) -> int:
+        """Stop taking work and wait for what is in flight; returns what was still running."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
+
+
+def refusal_body(exc: Exception) -> tuple[int, dict[str, str]]:
+    """Status and JSON body for a refusal; our errors carry a message written for the client
+    (never a payload), anything else is an internal error named by its type only."""
+    refusal = refusal_of(exc)
+    if refusal is None:
+        log.error("internal error", extra={"event": "error", "kind": type(exc).__name__})
+        return 500, {"error": f"internal server error ({type(exc).__name__})", "code": "internal"}
+    return refusal.status, {"error": str(exc), "code": refusal.code}
+
+
+_SHUTTING_DOWN = (503, {"error": "the server is shutting down; retry shortly", "code": "at_capacity"})
+
+
+class Instrumented:
+    """ASGI middleware: each HTTP request's route, status and time into the metrics, the count
+    of work in flight for a graceful shutdown, and a 503 for new work once it has begun."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, drain: Drain) -> None:
+        self.app, self.metrics, self.drain = app, metrics, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining and not scope["path"].endswith("/health"):
+            status, body = _SHUTTING_DOWN
+            await JSONResponse(body, status_code=status, headers={"retry-after": "1"})(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.drain.in_flight += 1
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            self.drain.in_flight -= 1
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(route, scope["method"], status, time.perf_counter() - start)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError("request body too large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError("request body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits()) -> FastAPI:
+    hosting = hosted if isinstance(hosted, Hosting) else Hosting([hosted])
+    app = FastAPI(title="privlora server", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics, drain = Metrics(hosting), Drain()
+    app.state.drain = drain
+    app.add_middleware(Instrumented, metrics=metrics, drain=drain)
+
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        status, body = refusal_body(exc)
+        metrics.refusals.labels(body["code"]).inc()
+        headers = {"retry-after": "1"} if status in (429, 503) else None
+        if status == 401:
+            headers = {"www-authenticate": "Bearer"}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    for kind in REFUSALS:
+        app.add_exception_handler(kind, refused)
+    app.add_exception_handler(Exception, refused)
+
+    @app.get(f"{API}/health")
+    async def health() -> dict:
+        return {"status": "ok", **hosting.info()}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        await run_in_threadpool(hosting.admin, request.headers.get("authorization"))
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
+
+    @app.post(f"{API}/sessions")
+    async def open_session(request: Request) -> dict:
+        keys = await _read_body(request, limits.keys)
+        authorization, artifact = request.headers.get("authorization"), request.query_params.get("artifact")
+        return {"session": await run_in_threadpool(hosting.open_session, authorization, artifact, keys)}
+
+    @app.delete(f"{API}/sessions/{{session}}")
+    async def close_session(session: str, request: Request) -> dict:
+        authorization = request.headers.get("authorization")
+        await run_in_threadpool(hosting.close_session, authorization, session)
+        return {"closed": True}
+
+    @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}/{{message}}")
+    async def evaluate(session: str, round_name: str, index: int, message: int, request: Request) -> Response:
+        payload = await _read_body(request, limits.round)
+        authorization = request.headers.get("authorization")
+        reply = await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message, payload)
+        return Response(reply, media_type="application/octet-stream")
+
+    @app.websocket(f"{API}/sessions/{{session}}/stream")
+    async def stream(socket: WebSocket, session: str) -> None:
+        """The same messages as the round route, one binary frame each way on one connection. A
+        frame larger than the round limit closes the connection (1009, "message too big"); a
+        shutdown closes it (1012) after answering the frame in flight. While a frame takes longer
+        than a heartbeat period, heartbeat frames (status 102) tell the client the server lives."""
+        answer = partial(answer_frame, hosting, session, socket.headers.get("authorization"))
+        await socket.accept()
+        try:
+            while not drain.draining:
+                frame = await socket.receive_bytes()
+                start = time.perf_counter()
+                drain.in_flight += 1
+                try:
+                    status, reply = await _with_heartbeats(socket, answer(frame))
+                finally:
+                    drain.in_flight -= 1
+                if status >= 400:
+                    metrics.refusals.labels(json.loads(reply)["code"]).inc()
+                metrics.observe(STREAM_ROUTE, "FRAME", status, time.perf_counter() - start)
+                await socket.send_bytes(stream_reply(status, reply))
+            await socket.close(1012)
+        except WebSocketDisconnect:
+            return
+
+    return app
+
+
+async def _with_heartbeats(socket: WebSocket, work: Any) -> tuple[int, bytes]:
+    """Await ``work``, sending a heartbeat frame every period it takes: a client waiting on a
+    stream cannot otherwise tell a long evaluation from a server that died behind a proxy
+    (Ray Serve's keeps the client's WebSocket open when a replica dies)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+        if done:
+            return task.result()
+        await socket.send_bytes(stream_reply(HEARTBEAT, b""))
+
+
+async def answer_frame(hosting: Hosting, session: str, authorization: str | None,
+                       frame: bytes) -> tuple[int, bytes]:
+    """A stream frame's status and reply: the evaluation, or the refusal the HTTP route would give."""
+    try:
+        round_name, index, message, payload = read_stream_request(frame)
+    except ValueError as exc:
+        return 400, json.dumps({"error": f"malformed stream frame: {exc}", "code": "malformed_payload"}).encode()
+    try:
+        return 200, await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message,
+                                            payload)
+    except Exception as exc:
+        status, body = refusal_body(exc)
+        return status, json.dumps(body).encode()
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and the structured fields we attach."""
+
+    FIELDS = ("event", "session", "account", "artifact", "backend", "groups", "key_bytes", "round", "message_index",
+              "bytes_in", "bytes_out", "ms", "kind")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("privlora")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, except that a shutdown first lets the work in flight finish: uvicorn itself
+    waits for HTTP requests but cuts WebSockets at once, which would drop a stream frame being
+    evaluated."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        log.info("shutting down", extra={"event": "shutdown"})
+        left = await self.drain.wait(SHUTDOWN_GRACE_SECONDS)
+        if left:
+            log.warning("shutdown grace period over", extra={"event": "shutdown", "kind": f"{left} in flight"})
+        for connection in list(self.server_state.connections):
+            if _idle_http(connection):
+                connection.transport.abort()
+        await super().shutdown(sockets)
+
+
+def _idle_http(connection: Any) -> bool:
+    """An HTTP keep-alive connection between requests, with nothing left to send. Such a one is
+    cut rather than closed at shutdown: closing a TLS connection waits up to 30 s for the
+    client's close_notify, which an idle keep-alive client never sends. (uvicorn's HTTP
+    protocols keep the current request cycle in ``cycle``; its WebSocket ones have none.)"""
+    if not hasattr(connection, "cycle"):
+        return False
+    cycle = connection.cycle
+    done = cycle is None or getattr(cycle, "response_complete", False)
+    return done and connection.transport.get_write_buffer_size() == 0
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: Path
+    key: Path
+
+
+def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          limits: SessionLimits = SessionLimits(), accounts: str | Path | None = None, tls: TLS | None = None) -> None:
+    configure_logging(log_level)
+    store = AccountStore(accounts) if accounts is not None else None
+    hosting = Hosting([PrivateServer(artifact, limits, store) for artifact in artifacts])
+    if store is None:
+        log.warning("accounts off: anyone who can reach this port may open sessions, with a query budget per "
+                    "session (serve --accounts DB to require API tokens)", extra={"event": "accounts"})
+    else:
+        log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
+    app = create_app(hosting)
+    # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=BodyLimits().round, ws_ping_interval=None,
+                            ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    GracefulServer(config, app.state.drain).run()

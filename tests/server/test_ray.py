@@ -1,0 +1,92 @@
+"""`privlora serve --ray`: a local Ray cluster serving an artifact with 2 replicas, concurrent
+clients (over the stream and over plain HTTP, so that a group's two bfv messages land on
+different replicas) with the plaintext model's tokens, per-site budgets exact across replicas,
+and a generation that survives its replicas being killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from support.live import plaintext_tokens
+
+from privlora.core.artifact import artifact_id
+from privlora.tools.loadtest import ServerProcess
+from privlora.server.accounts import AccountStore
+from privlora.client.secure import SecureClient
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.transports import Credentials, HttpTransport, StreamTransport
+
+PROMPTS = ([3, 14, 15, 92, 65], [27, 18, 28], [5, 9, 77, 101])
+CONFIG = GenerationConfig(max_new_tokens=5)
+
+
+def replicas(url: str, probes: int = 40) -> set[str]:
+    """The replicas that answered ``probes`` health requests (each names its host and pid)."""
+    return {httpx.get(f"{url}/v1/health", timeout=30).json()["artifacts"][0]["replica"] for _ in range(probes)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_build, tmp_path_factory):
+    accounts = AccountStore(tmp_path_factory.mktemp("ray") / "accounts.db", create=True)
+    server = ServerProcess(tiny_build.artifact("bfv"), "--ray", "--replicas", "2", "--accounts", str(accounts.path))
+    server.start(ready=False)
+    server.wait_ready(timeout=240)
+    yield server, accounts
+    assert server.stop() in (0, -signal.SIGTERM), server.output()[-2000:]
+
+
+def test_two_replicas_serve_concurrent_clients_exactly(cluster, tiny_build):
+    server, accounts = cluster
+    expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, list(PROMPTS), CONFIG)
+    assert len(replicas(server.url)) == 2
+    tokens = [accounts.create(f"user-{i}") for i in range(len(PROMPTS))]
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        kind = HttpTransport if i % 2 else StreamTransport  # over HTTP each message may go to either replica
+        client = SecureClient(tiny_build.artifact("bfv"), kind(server.url, Credentials(tokens[i])), cache_keys=False)
+        results[i] = list(generate(client, PROMPTS[i], CONFIG))
+        client.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [results.get(i) for i in range(len(PROMPTS))] == expected
+    artifact = artifact_id(tiny_build.artifact("bfv"))
+    for i, prompt in enumerate(PROMPTS):  # every row counted once, whichever replica evaluated it
+        assert set(accounts.site_rows(f"user-{i}", artifact).values()) == {len(prompt) + CONFIG.max_new_tokens - 1}
+
+
+def test_a_generation_survives_its_replicas_being_killed(cluster, tiny_build):
+    server, accounts = cluster
+    expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, [PROMPTS[0]], CONFIG)[0]
+    before = replicas(server.url)
+    pids = [int(replica.rpartition(":")[2]) for replica in before]
+    sent = []
+
+    class Killing(StreamTransport):
+        def evaluate(self, session, round_name, index, message, payload):
+            sent.append(1)
+            if len(sent) == 10:  # in the first decode step: both replicas die, Ray starts new ones
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+            return super().evaluate(session, round_name, index, message, payload)
+
+    transport = Killing(server.url, Credentials(accounts.create("victim")))
+    client = SecureClient(tiny_build.artifact("bfv"), transport, cache_keys=False)
+    start = time.monotonic()
+    assert list(generate(client, PROMPTS[0], CONFIG)) == expected
+    # The proxy keeps the stream open when its replica dies: the client hears no heartbeat, takes
+    # the connection for dead and sends the message again, to a new replica that finds the
+    # session's keys and the pending mask in the directory.
+    assert transport.reconnects + client.recoveries >= 1 and time.monotonic() - start < 120
+    client.close()
+    after = replicas(server.url)
+    assert len(after) == 2 and not after & before  # two new replica processes

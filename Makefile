@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/privlora demo --questions 2 --backend bfv ckks
+	$(VENV)/bin/privlora demo --questions 2 --backend pads bfv
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from support.live import plaintext_tokens
 
 from privlora.tools.loadtest import SoakConfig, random_prompts, secure_reference
@@ -17,8 +18,10 @@ from privlora.client.generation import GenerationConfig
 TOKENS = 4
 
 
-def test_no_answer_is_lost_or_wrong_under_restarts_and_dropped_connections(tiny_build):
-    artifact = tiny_build.artifact("bfv")
+@pytest.mark.parametrize("backend", ["bfv", "pads"])
+def test_no_answer_is_lost_or_wrong_under_restarts_and_dropped_connections(tiny_build, backend):
+    """With pads, a restart also loses every pad: the clients make new ones on the spot."""
+    artifact = tiny_build.artifact(backend)
     config = SoakConfig(clients=2, tokens=TOKENS, duration_s=14.0, fault_every_s=2.0, seed=0)
     generation = GenerationConfig(max_new_tokens=TOKENS)
     # Precondition: without faults, these prompts' secure answers equal the plaintext ones (on a

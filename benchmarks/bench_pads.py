@@ -22,6 +22,7 @@ from typing import Any
 
 from privlora.client.generation import GenerationConfig, generate
 from privlora.client.secure import SecureClient
+from privlora.client.timings import OfflineStats
 from privlora.compiler.driver import compile_artifact
 from privlora.local import InProcessTransport, local_transport
 from privlora.models.hf_tokenizer import encode_chat
@@ -77,8 +78,19 @@ class Run:
     tokens: list[int]
 
 
+def warm_up(client: SecureClient, prompt: list[int]) -> None:
+    """One short step first, so that no configuration pays ONNX Runtime's first runs in its
+    figures; then a clean slate (no steps, no pads)."""
+    list(generate(client, prompt[:8], GenerationConfig(max_new_tokens=1)))
+    if client.pads is not None:
+        client.pads.forget_pads()
+    client.steps.clear()
+    client.offline = OfflineStats()
+
+
 def measure(label: str, link: str, client: SecureClient, prompt: list[int], config: GenerationConfig,
             warm_rows: int = 0) -> Run:
+    warm_up(client, prompt)
     made = client.prepare(warm_rows) if warm_rows else None
     tokens = list(generate(client, prompt, config))
     decode = client.steps[1:]

@@ -15,7 +15,7 @@ from privlora.cli.parsing import POSITIVE_INT, Subparsers, add_command
 def register(subparsers: Subparsers) -> None:
     parser = add_command(subparsers, "bench", run,
                          "per-site cost and accuracy of the private backends at SmolLM2 and ChatGLM2-6B shapes")
-    parser.add_argument("--backend", nargs="+", default=["bfv", "ckks", "concrete", "plain"], choices=available(),
+    parser.add_argument("--backend", nargs="+", default=["pads", "bfv", "ckks", "concrete", "plain"], choices=available(),
                         help="backends to measure")
     parser.add_argument("--site", nargs="+", default=["smollm2", "chatglm2"],
                         choices=["smollm2", "chatglm2", "smollm2-prefill"],

@@ -189,7 +189,7 @@ def coefficients(plain: sealapi.Plaintext, positions: list[int], degree: int) ->
 
 class ZeroPool:
     """Fresh public-key encryptions of zero, made ahead of time: a reply is re-randomised with one
-    of them, used once. Making one costs about 1 ms, 60-70% of a reply ciphertext, so a
+    of them, used once. Making one is most of a reply ciphertext's cost (docs/benchmarks.md), so a
     background thread makes them while the server is idle (between a client's requests) and a
     reply takes a ready one, or makes its own when none is left. The time spent making them is
     counted (``made_seconds``): it is work moved off the critical path, never hidden."""

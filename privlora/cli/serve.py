@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"no such file: {path}")
     limits = SessionLimits(idle_seconds=args.session_ttl, max_sessions=args.max_sessions,
                            max_rows=args.max_rows or None, rate=args.rate or None, burst=args.burst)
+    if args.ray:
+        from privlora.server.ray import check_replicable
+
+        for artifact in args.artifact:  # before the banner: nothing would be served
+            check_replicable(artifact)
     scheme = "https" if tls else "http"
     engine = f"Ray Serve ({_scaling_text(args)})" if args.ray else "uvicorn"
     print(f"privlora server: {', '.join(args.artifact)} on {scheme}://{args.host}:{args.port} with {engine} "

@@ -124,8 +124,7 @@ class HttpTransport:
 
 class StreamTransport(HttpTransport):
     """HTTP for health and sessions, and one persistent WebSocket per session for the messages:
-    no HTTP request to parse per message. Measured on loopback, a message over HTTP costs about
-    2 ms more than in process, a fifth of a bfv decode step; over the stream, about 1 ms
+    no HTTP request to parse per message, so a message costs about what it costs in process
     (docs/benchmarks.md)."""
 
     def __init__(self, url: str, credentials: Credentials = Credentials(), timeout: float = 600.0) -> None:

@@ -237,7 +237,7 @@ def check_replicable(artifact: str) -> None:
 def serve_with_ray(artifacts: list[str], host: str, port: int, limits: SessionLimits, accounts: str | None,
                    scaling: Scaling, address: str | None, tls: Any = None) -> None:
     """Start (or join) a Ray cluster, deploy, and serve until SIGTERM or Ctrl-C."""
-    for artifact in artifacts:
+    for artifact in artifacts:  # again here, for callers other than the CLI
         check_replicable(artifact)
     if address is None:  # a cluster of this machine's own, never one that happens to be running
         ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,

@@ -27,6 +27,7 @@ from privlora.client.timings import render_timings
 from privlora.local import local_transport
 
 ANSWER_TOKENS = 32
+PADS_PER_QUESTION = 96  # a question of the demo set and its answer fit in it
 
 
 def _show(label: str, answer: str, keyword: str, seconds: float, tokens: int | None = None) -> None:
@@ -53,6 +54,16 @@ def demo_artifact(base: str, adapter: Path, backend: str) -> Path:
     return artifact
 
 
+def _make_pads(backend: str, client: SecureClient, questions: int) -> float:
+    """Pads for every question's prompt and answer, made before the first one (as ``chat`` makes
+    them while the user types); the seconds it took, shown apart (0 for a per-query backend)."""
+    made = client.prepare(questions * PADS_PER_QUESTION)
+    if made.rows:
+        print(f"pads:       {made.rows:g} rows per group for {backend}, made ahead in {made.seconds:.1f} s "
+              f"({(made.bytes_up + made.bytes_down) / 1e6:.0f} MB), before the first question")
+    return made.seconds
+
+
 def run_demo(base: str, adapter: Path, questions: int, backends: tuple[str, ...] = ("pads",)) -> None:
     """Print base, secure fine-tuned (one answer per backend, side by side) and plaintext
     fine-tuned answers to held-out questions, with where the secure time went."""
@@ -65,7 +76,9 @@ def run_demo(base: str, adapter: Path, questions: int, backends: tuple[str, ...]
     for backend in backends:
         artifact = demo_artifact(base, adapter, backend)
         clients[backend] = SecureClient(artifact, local_transport(artifact))
-    print(f"secure:     backends {', '.join(backends)}, in-process server on the server bundle, keys cached per artifact\n")
+    print(f"secure:     backends {', '.join(backends)}, in-process server on the server bundle, keys cached per artifact")
+    ahead = {backend: _make_pads(backend, client, questions) for backend, client in clients.items()}
+    print()
     totals = {backend: [0, 0.0] for backend in backends}  # tokens, seconds
     plain_seconds = 0.0
     try:
@@ -96,6 +109,7 @@ def run_demo(base: str, adapter: Path, questions: int, backends: tuple[str, ...]
         for client in clients.values():
             client.close()
     for backend, (tokens, seconds) in totals.items():
+        made = f"; pads made ahead: {ahead[backend]:.1f} s" if ahead[backend] else ""
         print(f"secure generation with {backend}: {tokens} tokens in {seconds:.1f} s "
-              f"({tokens / seconds:.2f} tokens/s, prefill included)")
+              f"({tokens / seconds:.2f} tokens/s, prefill included{made})")
     print(f"plaintext fine-tuned: {plain_seconds:.1f} s for the same questions")

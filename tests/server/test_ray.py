@@ -90,3 +90,17 @@ def test_a_generation_survives_its_replicas_being_killed(cluster, tiny_build):
     client.close()
     after = replicas(server.url)
     assert len(after) == 2 and not after & before  # two new replica processes
+
+
+def test_a_backend_whose_sessions_live_in_one_process_is_refused_before_any_replica(tiny_build):
+    """pads keeps each session's ledger in the process that opened it: replicas could not share it."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "privlora.cli", "serve", str(tiny_build.artifact("pads")), "--ray"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "keeps each session's state in the process that opened it" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1  # one line, no traceback
+    from privlora.server.ray import check_replicable
+
+    check_replicable(str(tiny_build.artifact("bfv")))  # the control: bfv's state is shared through the directory

@@ -27,13 +27,14 @@ TOKENS = 6
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_build, tmp_path_factory):
-    """Two adapters on the tiny base, each compiled (bfv) into a directory named for the model."""
+    """Two adapters on the tiny base, compiled into directories named for the models: one per-query
+    (bfv), one with pads (the default), hosted by one server."""
     from conftest import write_tiny_adapter
 
     root = tmp_path_factory.mktemp("gateway")
     second = write_tiny_adapter(tiny_build.base, root / "adapter-b", ["q_proj", "o_proj"], seed=5)
     clinic = compile_artifact(str(tiny_build.base), tiny_build.adapter, root / "clinic", backend="bfv").artifact
-    legal = compile_artifact(str(tiny_build.base), second, root / "legal", backend="bfv").artifact
+    legal = compile_artifact(str(tiny_build.base), second, root / "legal", backend="pads").artifact
     return {"clinic": clinic, "legal": legal}
 
 

@@ -70,6 +70,9 @@ def _stop_at(text: str, stops: Sequence[str], start: int) -> int | None:
     return min(found) if found else None
 
 
+FIRST_PADS = 64  # rows every group gets before any gets more: an answer that stops the keeper early finds some
+
+
 class PadKeeper:
     """Keeps a client's pads topped up between turns, in a background thread, while the user
     reads or types. The SEAL bindings hold the GIL, so the thread never overlaps a turn: a turn
@@ -90,7 +93,7 @@ class PadKeeper:
 
     def _run(self) -> None:
         try:
-            self.client.prepare(self.rows, stop=self._stop.is_set)
+            self.client.prepare(self.rows, stop=self._stop.is_set, first=FIRST_PADS)
         except PrivloraError as exc:
             log.warning("pads were not made ahead of time: %s", exc)
 

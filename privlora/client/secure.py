@@ -157,36 +157,41 @@ class SecureClient:
     def _groups(self) -> list[GroupSpec]:
         return [group for groups in self.groups.values() for group in groups]
 
-    def _make_pads(self, rows: int, stop: Callable[[], bool] = lambda: False) -> OfflineStats:
-        """Top every group's pool up to ``rows`` pads: the offline exchange, in batches; ``stop``
-        is asked before each group (a turn that needs the client back)."""
-        made, cost, produced = OfflineStats(), ExchangeCost(), 0
+    def _make_pads(self, levels: Sequence[int], stop: Callable[[], bool] = lambda: False) -> OfflineStats:
+        """Top every group's pool up to each level in turn, all groups to one level before any goes
+        further, so that a stop leaves the pools even; ``stop`` is asked before each group (an
+        answer that needs the client back)."""
         assert self.pads is not None
-        for group in self._groups():
-            missing = rows - self.pads.ready(group)
-            if stop():
-                break
-            if missing > 0:
-                self.pads.prepare(group, missing, self._send(group), cost)
-                produced = max(produced, missing)
-        made.add(produced, cost)
-        self.offline.add(produced, cost)
+        cost, produced = ExchangeCost(), {group.key: 0 for group in self._groups()}
+        for level in levels:
+            for group in self._groups():
+                if stop():
+                    break
+                missing = level - self.pads.ready(group)
+                if missing > 0:
+                    self.pads.prepare(group, missing, self._send(group), cost)
+                    produced[group.key] += missing
+        made = OfflineStats()
+        made.add(max(produced.values(), default=0), cost)
+        self.offline.add(made.rows, cost)
         return made
 
-    def prepare(self, rows: int, stop: Callable[[], bool] = lambda: False) -> OfflineStats:
+    def prepare(self, rows: int, stop: Callable[[], bool] = lambda: False, first: int | None = None) -> OfflineStats:
         """Make pads ahead of need until every group has ``rows`` ready (nothing for a per-query
-        backend); survives faults as a step does."""
+        backend), every group to ``first`` before any goes beyond it when given (small batches
+        cost more per row, but a stop finds every group with some); survives faults as a step does."""
         if self.pads is None:
             return OfflineStats()
         if rows > MAX_POOL_ROWS:
             raise UsageError(f"at most {MAX_POOL_ROWS} pads per group are kept ready, not {rows}")
-        return self._retrying(lambda: self._make_pads(rows, stop))
+        levels = (first, rows) if first is not None and first < rows else (rows,)
+        return self._retrying(lambda: self._make_pads(levels, stop))
 
     def _cold_path(self, rows: int, stats: StepStats) -> None:
         """Pads for this step's rows, made now if the pool is short (and a batch ahead)."""
         if self.pads is None or all(self.pads.ready(group) >= rows for group in self._groups()):
             return
-        made = self._make_pads(rows + COLD_AHEAD)
+        made = self._make_pads((rows + COLD_AHEAD,))
         stats.offline_s += made.seconds
         stats.offline_rows += made.rows
 

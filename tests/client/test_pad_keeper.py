@@ -42,3 +42,21 @@ def test_pads_are_made_between_answers_and_none_during_one(tiny_build):
     finally:
         kept.close()
         cold.close()
+
+
+def test_a_keeper_stopped_early_leaves_every_group_some_pads(tiny_build):
+    """Every group gets the first level before any gets more: stopped right after it, all have it."""
+    artifact = tiny_build.artifact("pads")
+    assistant = Assistant(artifact, local_transport(artifact), cache_keys=False)
+    groups = [g for groups in assistant.client.groups.values() for g in groups]
+    asked = []
+
+    def stop() -> bool:  # asked once before each group: yes once the first level is done
+        asked.append(1)
+        return len(asked) > len(groups)
+
+    try:
+        made = assistant.client.prepare(40, stop=stop, first=4)
+        assert [assistant.client.pads.ready(g) for g in groups] == [4] * len(groups) and made.rows == 4
+    finally:
+        assistant.close()

@@ -44,3 +44,13 @@ def test_user_errors_are_one_line(tmp_path):
     result = subprocess.run([str(PRIVLORA), "prepare", "--base", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("privlora: error:") and "Traceback" not in result.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tiny_build):
+    """`privlora inspect ART --json | head -c 1`: the pipe closes under the writer."""
+    reader = subprocess.Popen([sys.executable, "-m", "privlora.cli", "inspect", str(tiny_build.artifact("bfv")), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.read(1) == b"{"
+    reader.stdout.close()
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) in (0, 141) and "Traceback" not in stderr and "Error" not in stderr, stderr

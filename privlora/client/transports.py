@@ -46,6 +46,18 @@ class Transport(Protocol):
     def forget(self, session: str) -> None: ...  # drop local state of a session the server lost
 
 
+TOKEN_HINT = "this server takes an API token: give it with --token or $PRIVLORA_TOKEN"
+
+
+def unreachable(url: str, exc: Exception, what: str = "cannot reach") -> TransportError:
+    """A connection that failed, said in one line: a certificate this client does not trust is a
+    server reached, not a server down, and the fix is the CA certificate."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return TransportError(f"the privlora server at {url} was reached, but its TLS certificate is not trusted "
+                              f"({exc}): pass its certificate or CA with --ca-cert PEM")
+    return TransportError(f"{what} the privlora server at {url}: {exc}")
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a client presents to a remote server: an API token (servers with accounts) and the
@@ -95,11 +107,13 @@ class HttpTransport:
                 # A kept-alive connection the server closed as we reused it. Every request here may
                 # be sent again: a round is answered afresh, a key upload opens another session.
                 if attempt:
-                    raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
+                    raise unreachable(self.url, exc) from None
             except httpx.HTTPError as exc:
-                raise TransportError(f"cannot reach the privlora server at {self.url}: {exc}") from None
+                raise unreachable(self.url, exc) from None
         if response.status_code >= 400:
             message, code = _refusal(response)
+            if code == "unauthenticated" and not self.credentials.token:
+                message += f" ({TOKEN_HINT})"
             raise TransportError(f"server refused {method} {path}: {response.status_code} {message}",
                                  response.status_code, code)
         return response
@@ -144,7 +158,7 @@ class StreamTransport(HttpTransport):
                                                 additional_headers=self.credentials.headers(),
                                                 ssl=self.credentials.ssl_context() if secure else None)
             except Exception as exc:  # the websockets client raises several kinds for a refused handshake
-                raise TransportError(f"cannot open a stream to the privlora server at {self.url}: {exc}") from None
+                raise unreachable(self.url, exc, "cannot open a stream to") from None
         return self.sockets[session]
 
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:

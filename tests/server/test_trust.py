@@ -76,7 +76,7 @@ def test_every_account_refusal_over_http_and_the_stream(build, accounts, expecte
         assert refusal(anonymous) == (401, "unauthenticated") and anonymous.headers["www-authenticate"] == "Bearer"
         assert refusal(httpx.post(f"{url}/sessions", content=b"", headers=bearer(alice + "x"))) == (401, "unauthenticated")
         assert refusal(httpx.post(f"{url}/sessions", content=b"", headers=bearer(revoked))) == (403, "forbidden")
-        with pytest.raises(TransportError, match="401"):  # the client says why in one line
+        with pytest.raises(TransportError, match="401.*--token or \\$PRIVLORA_TOKEN"):  # why, and the fix, in one line
             SecureClient(build.artifact("bfv"), HttpTransport(live.url), cache_keys=False).close()
 
         client = SecureClient(build.artifact("bfv"), StreamTransport(live.url, Credentials(alice)), cache_keys=False)
@@ -172,7 +172,8 @@ def test_secure_generation_over_tls(build, accounts, expected, tmp_path):
         assert ok.returncode == 0, ok.stderr
         untrusted = subprocess.run(command, capture_output=True, text=True, env=environment)
         assert untrusted.returncode == 1 and untrusted.stderr.count("\n") == 1  # a runtime failure, in one line
-        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr and "was reached" in untrusted.stderr
+        assert "--ca-cert" in untrusted.stderr
     finally:
         assert server.stop() == -signal.SIGTERM
 

@@ -52,7 +52,7 @@ from tenseal import sealapi
 
 from privlora.backends import seal
 from privlora.backends.seal import IdleFiller, ZeroPool
-from privlora.backends.bfv_layout import Layout, choose_layout, message_layout
+from privlora.backends.bfv_layout import Layout, message_layout
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
                                     Weights)
 from privlora.backends.common import block_diagonal, check_message, delta_of, frame, rows_of, unframe

@@ -65,7 +65,7 @@ class Scaling:
 def _refusal(result: Any) -> Any:
     """Re-raise a refusal the directory returned (Ray would wrap a raised one in its own type)."""
     if isinstance(result, tuple) and len(result) == 3 and result[0] == "refused":
-        raise getattr(refusals, result[1])(result[2])
+        raise getattr(wire, result[1])(result[2])
     return result
 
 

@@ -22,7 +22,7 @@ import pytest
 from tenseal import sealapi
 from test_pll import UNIFORM, uniformity_score
 
-from privlora.backends import bfv
+from privlora.backends import bfv, bfv_layout
 from privlora.backends import seal
 from privlora.backends.base import MessageOrderError, PayloadError, Request, Weights
 from privlora.backends.common import frame, unframe
@@ -101,7 +101,7 @@ def decrypted_reply(client: bfv.Client, reply: bytes) -> np.ndarray:
     return np.stack([plaintext_of(client, load_ciphertext(client, blob)) for blob in unframe(reply)])
 
 
-def output_values(layout: bfv.Layout, polynomials: np.ndarray) -> np.ndarray:
+def output_values(layout: bfv_layout.Layout, polynomials: np.ndarray) -> np.ndarray:
     """The ``[rows, d_out]`` outputs of a decrypted reply, read at the layout's output coefficients."""
     per_block = polynomials.reshape(layout.row_blocks, layout.out_blocks, layout.degree)
     return layout.gather(per_block[..., layout.outputs])
@@ -115,7 +115,7 @@ def masked_request(d: Deployment, g: GroupSpec, x: np.ndarray, session: bfv.Sess
 
 def final_outputs(d: Deployment, g: GroupSpec, rows: int, reply: bytes) -> np.ndarray:
     """y (centred mod p) of message 1's reply."""
-    layout = bfv.choose_layout(rows, g.rank, g.d_out, d.degree)
+    layout = bfv_layout.choose_layout(rows, g.rank, g.d_out, d.degree)
     return centred(output_values(layout, decrypted_reply(d.client, reply)), d.modulus)
 
 
@@ -130,7 +130,7 @@ def pll_error(d: Deployment, g: GroupSpec, x: np.ndarray, reply: bytes) -> np.nd
 class ZeroMask(bfv.Server):
     """Test-only control: the uniform values added to every coefficient (t included) are zeros."""
 
-    def _uniform(self, layout: bfv.Layout) -> np.ndarray:
+    def _uniform(self, layout: bfv_layout.Layout) -> np.ndarray:
         return np.zeros_like(super()._uniform(layout))
 
 
@@ -144,7 +144,7 @@ def test_message_0_replies_are_uniform_on_every_coefficient(server_class: type[b
     x = rng.normal(size=(2, 16))
     request, _ = d.client.encrypt(g, x)
     replies = np.stack([decrypted_reply(d.client, d.call(g, 0, request)) for _ in range(CALLS)])
-    layout = bfv.choose_layout(2, g.d_in, g.rank, d.degree)
+    layout = bfv_layout.choose_layout(2, g.d_in, g.rank, d.degree)
     outputs = replies[..., layout.outputs].reshape(CALLS, -1)
     others = np.delete(replies, layout.outputs, axis=-1).reshape(CALLS, -1)
     scores = uniformity_score(outputs, d.modulus), uniformity_score(others, d.modulus)
@@ -552,7 +552,7 @@ def test_encoded_weights_are_bounded_whatever_row_counts_a_client_sends():
     shapes = set()
     for rows in range(1, 100, 3):
         for message, (d_in, d_out) in enumerate(((site.d_in, g.rank), (g.rank, site.d_out))):
-            layout = bfv.choose_layout(rows, d_in, d_out, 4096)
+            layout = bfv_layout.choose_layout(rows, d_in, d_out, 4096)
             shapes.add((message, layout.db, layout.ob))
         x = rng.normal(size=(rows, site.d_in))
         exact = (x @ a.T) @ b.T * site.scaling

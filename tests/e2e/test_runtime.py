@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tenseal import sealapi
 from support.live import LiveServer, plaintext_tokens
-from privlora.backends import bfv, ckks
+from privlora.backends import bfv, bfv_layout, ckks
 from privlora.backends import seal
 from privlora.backends.base import PayloadError
 from privlora.backends.common import frame, pack, unframe, unpack
@@ -192,7 +192,7 @@ def bfv_readable(reader: bfv.Client, group: GroupSpec, x: np.ndarray, body: byte
         return f"not bfv input ciphertexts: {exc}"
     if any(ct.size() != 2 or ct.parms_id() != reader.ctx.first_parms_id() for ct in parts):
         return "not bfv input ciphertexts: wrong size or level"
-    layout = bfv.message_layout(group, 0, len(x), reader.bfv.poly_modulus_degree)
+    layout = bfv_layout.message_layout(group, 0, len(x), reader.bfv.poly_modulus_degree)
     if len(parts) != layout.input_ciphertexts:
         return f"{len(parts)} ciphertexts for a layout of {layout.input_ciphertexts}"
     image = layout.encode(np.mod(np.rint(x / np.abs(x).max(axis=1, keepdims=True) * 32767), reader.modulus))

@@ -153,7 +153,6 @@ def test_one_account_cannot_evict_anothers_session(artifact, store):
 
 def test_the_budget_holds_across_sessions_and_restarts_in_real_generation(artifact, store):
     token = store.create("alice", AccountLimits(max_rows=len(PROMPT) + 4))  # one answer of 4 tokens: 5 + 3 rows
-    account = store.authenticate(token)
     client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact, SessionLimits(), store), token),
                           cache_keys=False)
     first = list(generate(client, PROMPT, CONFIG))

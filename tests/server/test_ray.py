@@ -104,3 +104,15 @@ def test_a_backend_whose_sessions_live_in_one_process_is_refused_before_any_repl
     from privlora.server.ray import check_replicable
 
     check_replicable(str(tiny_build.artifact("bfv")))  # the control: bfv's state is shared through the directory
+
+
+def test_a_refusal_from_the_directory_is_raised_as_itself():
+    """The directory returns refusals as data (Ray would wrap a raised one); a replica re-raises
+    the same class, so that the client gets its status and code (404 unknown_session here)."""
+    from privlora.core.wire import SessionError, refusal_of
+    from privlora.server.ray import _refusal
+
+    with pytest.raises(SessionError, match="gone") as raised:
+        _refusal(("refused", "SessionError", "gone"))
+    assert refusal_of(raised.value).code == "unknown_session"
+    assert _refusal(b"keys") == b"keys"

@@ -97,11 +97,14 @@ class PadKeeper:
         except PrivloraError as exc:
             log.warning("pads were not made ahead of time: %s", exc)
 
-    def pause(self) -> None:
-        self._stop.set()
+    def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
-            self._thread = None
+
+    def pause(self) -> None:
+        self._stop.set()
+        self.wait()
+        self._thread = None
 
 
 class Assistant:
@@ -135,6 +138,11 @@ class Assistant:
         self._keeper = PadKeeper(self.client, self._keep_pads)
         self._keeper.start()  # while the user types the first message
         return self.client
+
+    def wait_for_pads(self) -> None:
+        """Until the pads being made between answers are ready (benchmarks, tests)."""
+        if self._keeper is not None:
+            self._keeper.wait()
 
     def close(self) -> None:
         """Stop making pads, then end the session."""

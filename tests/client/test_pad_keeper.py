@@ -3,20 +3,15 @@ during an answer, and the answer is the one a cold run gives."""
 
 from __future__ import annotations
 
-import time
-
 from privlora.client.assistant import Assistant, Reply
 from privlora.local import local_transport
 
 KEPT = 24
 
 
-def wait_until_ready(assistant: Assistant, rows: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    groups = [g for groups in assistant.client.groups.values() for g in groups]
-    while min(assistant.client.pads.ready(g) for g in groups) < rows:
-        assert time.monotonic() < deadline, "pads were not made in the background"
-        time.sleep(0.05)
+def ready(assistant: Assistant) -> int:
+    """The fewest pads any group has ready."""
+    return min(assistant.client.pads.ready(g) for groups in assistant.client.groups.values() for g in groups)
 
 
 def answer(assistant: Assistant, text: str) -> tuple[Reply, list]:
@@ -32,12 +27,14 @@ def test_pads_are_made_between_answers_and_none_during_one(tiny_build):
     kept = Assistant(artifact, local_transport(artifact), cache_keys=False, keep_pads=KEPT)
     cold = Assistant(artifact, local_transport(artifact), cache_keys=False)
     try:
-        wait_until_ready(kept, KEPT)  # made while "the user types" the first message
+        kept.wait_for_pads()  # made while "the user types" the first message
+        assert ready(kept) == KEPT
         warm_reply, steps = answer(kept, "hello there")
         assert all(step.offline_s == 0 for step in steps)  # nothing made on the spot, nothing made meanwhile
         cold_reply, cold_steps = answer(cold, "hello there")
         assert cold_steps[0].offline_s > 0 and warm_reply.tokens == cold_reply.tokens
-        wait_until_ready(kept, KEPT)  # topped up again after the answer
+        kept.wait_for_pads()  # topped up again after the answer
+        assert ready(kept) == KEPT
         assert kept.client.offline.rows >= KEPT + len(steps)
     finally:
         kept.close()

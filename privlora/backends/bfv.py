@@ -253,6 +253,7 @@ class Session:
 class Server:
     messages = MESSAGES
     replicable = True
+    max_rows = MAX_ROWS  # rows one request may declare, refused before any ciphertext is read
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.pll = PLLParams(**params["pll"])
@@ -291,8 +292,8 @@ class Server:
         if not blobs or len(blobs[0]) != _HEADER.size:
             raise PayloadError("malformed payload: no row count and exchange id")
         rows, exchange = _HEADER.unpack(blobs[0])
-        if rows > MAX_ROWS:
-            raise PayloadError(f"malformed payload: a request carries at most {MAX_ROWS} rows")
+        if rows > self.max_rows:
+            raise PayloadError(f"malformed payload: a request carries at most {self.max_rows} rows")
         layout = self._layout(group, message, rows)
         if len(blobs) - 1 != layout.input_ciphertexts:
             raise PayloadError(f"malformed payload: {rows} rows take {layout.input_ciphertexts} ciphertexts, "

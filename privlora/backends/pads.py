@@ -81,7 +81,7 @@ def packed_size(count: int, bits: int) -> int:
     return count * ((bits + 7) // 8)
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
+def pack_values(values: np.ndarray, bits: int) -> bytes:
     """Values below 2^bits, each in ``ceil(bits / 8)`` little-endian bytes."""
     flat = np.asarray(values, dtype=np.uint64).reshape(-1)
     record = _record(bits)
@@ -92,8 +92,8 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     return out.tobytes()
 
 
-def unpack_bits(data: bytes | np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The ``count`` values :func:`pack_bits` wrote; PayloadError when the length is wrong or a
+def unpack_values(data: bytes | np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The ``count`` values :func:`pack_values` wrote; PayloadError when the length is wrong or a
     value does not fit ``bits``."""
     record = _record(bits)
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.ascontiguousarray(data).reshape(-1)
@@ -147,11 +147,16 @@ class Ledger:
     used: dict[str, dict[int, bytes]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def check(self, group: str, rows: int) -> int:
+        """The first id ``rows`` more pads would get; PayloadError beyond the unused bound."""
+        start = self.issued.get(group, 0)
+        if start + rows - len(self.used.get(group, ())) > MAX_UNUSED:
+            raise PayloadError(f"at most {MAX_UNUSED} unused pads per group and session: use some first")
+        return start
+
     def issue(self, group: str, rows: int) -> int:
         with self.lock:
-            start = self.issued.get(group, 0)
-            if start + rows - len(self.used.get(group, ())) > MAX_UNUSED:
-                raise PayloadError(f"at most {MAX_UNUSED} unused pads per group and session: use some first")
+            start = self.check(group, rows)
             self.issued[group] = start + rows
             return start
 
@@ -178,6 +183,7 @@ class Session:
 class Server(bfv.Server):
     messages = MESSAGES
     replicable = False  # each session's ledger of pads lives in the process that opened it
+    max_rows = MAX_BATCH  # pad rows one offline request may declare (online rows: bfv.MAX_ROWS)
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         super().__init__(tensors, groups, params)
@@ -206,7 +212,7 @@ class Server(bfv.Server):
         ids = np.frombuffer(parts[1], dtype="<u8").astype(np.int64)
         if ids.size and (ids.min() < 0 or len(set(ids.tolist())) != rows):
             raise PayloadError("malformed payload: pad ids must be distinct")
-        u = unpack_bits(parts[2], self.bits, rows * group.d_in).reshape(rows, group.d_in)
+        u = unpack_values(parts[2], self.bits, rows * group.d_in).reshape(rows, group.d_in)
         return Request(ONLINE, rows, Online(ids, u, hashlib.blake2b(payload, digest_size=16).digest()))
 
     def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
@@ -214,7 +220,9 @@ class Server(bfv.Server):
             return self._answer(group, request.data, session.ledger)
         with self.filler:
             inner = Request(request.message - 1, request.rows, request.data)
-            if request.message == OFFLINE_MASK:
+            if request.message == OFFLINE_MASK:  # bounded like the pads it will make: no uncharged work beyond
+                with session.ledger.lock:
+                    session.ledger.check(group.key, request.data.layout.rows)
                 return self._evaluate(group, inner, session.crypto)
             rows = request.data.layout.rows
             start = session.ledger.issue(group.key, rows)
@@ -226,7 +234,7 @@ class Server(bfv.Server):
         ledger.use(group.key, online)
         a_t, b_t = self.online[group.key]
         z = ((online.u @ a_t) @ b_t + self._masks(group, ledger, online.ids.tolist())) & np.uint64(self.modulus - 1)
-        return pack_bits(z, self.bits)
+        return pack_values(z, self.bits)
 
     def _masks(self, group: GroupSpec, ledger: Ledger, ids: Sequence[int]) -> np.ndarray:
         """The output masks r_j of these pads: a PRF of the session's key, the group and the id."""
@@ -319,7 +327,7 @@ class Client(bfv.Client):
         cost.bytes_up += len(request) + len(finish)
         cost.bytes_down += len(masked_reply) + len(reply)
         cost.messages += 2
-        packed = np.frombuffer(pack_bits(shares, self.bits), dtype=np.uint8).reshape(rows, -1).copy()
+        packed = np.frombuffer(pack_values(shares, self.bits), dtype=np.uint8).reshape(rows, -1).copy()
         return Batch(start, seed, packed)
 
     def _take(self, group: GroupSpec, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -332,7 +340,7 @@ class Client(bfv.Client):
             n = min(batch.left, rows - len(ids))
             ids += range(batch.start + batch.next, batch.start + batch.next + n)
             pads.append(_rows(batch.seed, b"pad", batch.next, n, group.d_in, self.bits))
-            shares.append(unpack_bits(batch.shares[batch.next:batch.next + n], self.bits, n * group.d_out)
+            shares.append(unpack_values(batch.shares[batch.next:batch.next + n], self.bits, n * group.d_out)
                           .reshape(n, group.d_out))
             batch.next += n
             if not batch.left:
@@ -347,13 +355,13 @@ class Client(bfv.Client):
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
         ids, pads, shares = self._take(group, len(rows))
         u = (np.mod(x_hat, self.modulus).astype(np.uint64) - pads) & np.uint64(self.modulus - 1)
-        request = frame([_ROWS.pack(len(rows)), ids.tobytes(), pack_bits(u, self.bits)])
+        request = frame([_ROWS.pack(len(rows)), ids.tobytes(), pack_values(u, self.bits)])
         return request, State(scale, leading, shares)
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: State) -> tuple[bytes, State]:
         raise MessageOrderError("the pads backend answers a group online in one message")
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: State) -> np.ndarray:
-        z = unpack_bits(reply, self.bits, len(state.scale) * group.d_out).reshape(len(state.scale), group.d_out)
+        z = unpack_values(reply, self.bits, len(state.scale) * group.d_out).reshape(len(state.scale), group.d_out)
         y = ((z + state.shares) & np.uint64(self.modulus - 1)).astype(np.int64)
         return delta_of(decode(y, self.modulus, state.scale, self.out_scales[group.key]), state.leading, group.d_out)

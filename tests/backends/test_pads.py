@@ -12,9 +12,9 @@ import pytest
 from test_bfv import Deployment, group, random_weights
 from test_pll import UNIFORM, uniformity_score
 
-from privlora.backends import pads
+from privlora.backends import bfv, pads
 from privlora.backends.base import MessageOrderError, PayloadError
-from privlora.backends.common import unframe
+from privlora.backends.common import frame, unframe
 from privlora.backends.exchange import ExchangeCost, exchange, local_send
 from privlora.backends.pll import centred, encode_input
 from privlora.core.types import GroupSpec
@@ -69,7 +69,7 @@ def test_the_online_answer_is_the_integer_lora_up_to_the_pll_error():
     x = rng.normal(size=(10, 64))
     request, state = d.client.encrypt(g, x)
     reply = send(d, g)(pads.ONLINE, request)
-    z = pads.unpack_bits(reply, d.client.bits, 10 * g.d_out).reshape(10, g.d_out)
+    z = pads.unpack_values(reply, d.client.bits, 10 * g.d_out).reshape(10, g.d_out)
     x_hat, _ = encode_input(x, d.client.pll.x_bits)
     error = centred(np.mod((z + state.shares).astype(np.int64) - lora_mod_p(d, g, x_hat), d.modulus), d.modulus)
     assert 0 < np.abs(error).max() <= d.client.pll.error_bound
@@ -98,7 +98,7 @@ def test_a_reused_pad_is_refused(server_class: type[pads.Server], refused: bool)
     d.client.prepare(g, 1, send(d, g))
     ids = np.zeros(1, "<u8")
     u1, u2 = (rng.integers(0, d.modulus, (1, g.d_in), dtype=np.uint64) for _ in range(2))
-    online = [pads.frame([pads._ROWS.pack(1), ids.tobytes(), pads.pack_bits(u, d.client.bits)]) for u in (u1, u2)]
+    online = [pads.frame([pads._ROWS.pack(1), ids.tobytes(), pads.pack_values(u, d.client.bits)]) for u in (u1, u2)]
     z1 = send(d, g)(pads.ONLINE, online[0])
     assert send(d, g)(pads.ONLINE, online[0]) == z1  # the identical resend of a lost message: the same answer
     if refused:
@@ -106,7 +106,7 @@ def test_a_reused_pad_is_refused(server_class: type[pads.Server], refused: bool)
             send(d, g)(pads.ONLINE, online[1])
         return
     z2 = send(d, g)(pads.ONLINE, online[1])
-    a, b = (pads.unpack_bits(z, d.client.bits, g.d_out).astype(np.int64) for z in (z1, z2))
+    a, b = (pads.unpack_values(z, d.client.bits, g.d_out).astype(np.int64) for z in (z1, z2))
     difference = (u1.astype(np.int64) - u2.astype(np.int64)) % d.modulus
     assert np.array_equal(np.mod(a - b, d.modulus), lora_mod_p(d, g, difference)[0])  # a free exact evaluation
 
@@ -122,7 +122,7 @@ def test_u_is_uniform_whatever_x_is(client_class: type[pads.Client], uniform: bo
     x = np.tile(rng.normal(size=(1, 16)), (SAMPLES, 1))
     request, _ = d.client.encrypt(g, x)
     _, _, packed = unframe(request, 3)
-    u = pads.unpack_bits(packed, d.client.bits, SAMPLES * g.d_in).reshape(SAMPLES, g.d_in).astype(np.int64)
+    u = pads.unpack_values(packed, d.client.bits, SAMPLES * g.d_in).reshape(SAMPLES, g.d_in).astype(np.int64)
     score = uniformity_score(u, d.modulus)
     assert (score < UNIFORM) if uniform else (score > 100 * UNIFORM), score
 
@@ -137,13 +137,13 @@ def test_the_clients_share_and_the_online_answer_are_each_uniform_to_it(server_c
     d.client.prepare(g, SAMPLES, send(d, g))
     batches = d.client.pools[g.key]
     s = np.concatenate([pads._rows(b.seed, b"pad", 0, b.rows, g.d_in, d.client.bits) for b in batches]).astype(np.int64)
-    shares = np.concatenate([pads.unpack_bits(b.shares, d.client.bits, b.rows * g.d_out).reshape(b.rows, g.d_out)
+    shares = np.concatenate([pads.unpack_values(b.shares, d.client.bits, b.rows * g.d_out).reshape(b.rows, g.d_out)
                              for b in batches]).astype(np.int64)
     share_residue = np.mod(shares - lora_mod_p(d, g, s), d.modulus)
     request, _ = d.client.encrypt(g, rng.normal(size=(SAMPLES, 16)))
     _, _, packed = unframe(request, 3)
-    u = pads.unpack_bits(packed, d.client.bits, SAMPLES * g.d_in).reshape(SAMPLES, g.d_in).astype(np.int64)
-    z = pads.unpack_bits(send(d, g)(pads.ONLINE, request), d.client.bits, SAMPLES * g.d_out).reshape(SAMPLES, g.d_out)
+    u = pads.unpack_values(packed, d.client.bits, SAMPLES * g.d_in).reshape(SAMPLES, g.d_in).astype(np.int64)
+    z = pads.unpack_values(send(d, g)(pads.ONLINE, request), d.client.bits, SAMPLES * g.d_out).reshape(SAMPLES, g.d_out)
     answer_residue = np.mod(z.astype(np.int64) - lora_mod_p(d, g, u), d.modulus)
     scores = uniformity_score(share_residue, d.modulus), uniformity_score(answer_residue, d.modulus)
     if masked:
@@ -197,18 +197,36 @@ def test_unused_pads_per_session_are_bounded(monkeypatch):
     d = deploy([g])
     monkeypatch.setattr(pads, "MAX_UNUSED", 4)
     d.client.prepare(g, 4, send(d, g))
+    evaluated = []
+
+    def recording(message: int, payload: bytes) -> bytes:
+        evaluated.append(message)
+        return send(d, g)(message, payload)
+
     with pytest.raises(PayloadError, match="unused pads"):
-        d.client.prepare(g, 1, send(d, g))
+        d.client.prepare(g, 1, recording)
+    assert evaluated == [pads.OFFLINE_MASK]  # refused at the first offline message, before any work
+
+
+def test_an_offline_request_over_one_batch_is_refused_before_its_ciphertexts_are_read():
+    g = group(0, 16, (8,))
+    d = deploy([g])
+    oversized = frame([bfv._HEADER.pack(pads.MAX_BATCH + 1, 7)])  # no ciphertext at all: the count alone
+    with pytest.raises(PayloadError, match=f"at most {pads.MAX_BATCH} rows"):
+        d.server.parse(g, pads.OFFLINE_MASK, oversized)
+    one_batch = frame([bfv._HEADER.pack(pads.MAX_BATCH, 7)])
+    with pytest.raises(PayloadError, match="ciphertexts"):  # the control: one batch passes the bound, to the count
+        d.server.parse(g, pads.OFFLINE_MASK, one_batch)
 
 
 @pytest.mark.parametrize("bits", [1, 7, 8, 33, 44, 46, 63])
 def test_packing_at_the_modulus_width_round_trips(bits: int):
     values = rng.integers(0, 2**bits, 97, dtype=np.uint64)
-    packed = pads.pack_bits(values, bits)
+    packed = pads.pack_values(values, bits)
     assert len(packed) == pads.packed_size(97, bits) == 97 * ((bits + 7) // 8)
-    assert np.array_equal(pads.unpack_bits(packed, bits, 97), values)
+    assert np.array_equal(pads.unpack_values(packed, bits, 97), values)
     with pytest.raises(PayloadError):
-        pads.unpack_bits(packed + b"\0", bits, 97)
+        pads.unpack_values(packed + b"\0", bits, 97)
     if bits % 8:  # a value wider than the modulus is refused
         with pytest.raises(PayloadError, match="does not fit"):
-            pads.unpack_bits(pads.pack_bits(np.full(97, 2**bits, np.uint64), bits + 8 - bits % 8), bits, 97)
+            pads.unpack_values(pads.pack_values(np.full(97, 2**bits, np.uint64), bits + 8 - bits % 8), bits, 97)

@@ -27,11 +27,11 @@ class InProcessTransport:
         self.authorization = f"Bearer {token}" if token else None
 
     def info(self) -> dict[str, Any]:
-        return self.hosting.info()
+        return self.hosting.health(self.authorization)
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         try:
-            return method(self.authorization, *args)
+            return method(self.hosting.account(self.authorization), *args)
         except Exception as exc:
             refusal = refusal_of(exc)
             if refusal is None:

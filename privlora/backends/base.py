@@ -73,6 +73,8 @@ class PendingStore(Protocol):
 
     def __setitem__(self, key: tuple[str, int], value: Any) -> None: ...
 
+    def __contains__(self, key: object) -> bool: ...
+
     def pop(self, key: tuple[str, int], default: Any = None) -> Any: ...
 
 
@@ -125,8 +127,10 @@ class BackendServer(Protocol):
         """The per-client state (keys; one-time masks in ``pending``, a new dict when None);
         PayloadError on bad keys."""
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
-        """Validate and parse a request; PayloadError when malformed."""
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
+        """Validate and parse a request; PayloadError when malformed. With the session, what its
+        state refuses (a message without its predecessor, too many unused pads) is refused before
+        the payload's ciphertexts are read."""
 
     def evaluate(self, group: GroupSpec, request: Request, session: Any) -> bytes:
         """The reply to a parsed request."""

@@ -67,11 +67,14 @@ DEFAULTS = {"x_bits": 16, "w_bits": 10, "max_modulus_bits": 46}
 MAX_ROWS = 1 << 16  # rows one request may declare
 # Encryptions of zero a session keeps ready: a SmolLM2 decode step (30 groups) uses 120 at most.
 ZERO_POOL = 128
-# Block shapes whose encoded weights are kept per group and message (a decode step and a couple
-# of prompt lengths use 1-3); others are encoded again when asked for.
-ENCODED_LAYOUTS = 4
+# Bytes of encoded weights kept across requests (a decode step's and a few prompt lengths' block
+# shapes); least recently used shapes go first, and a shape larger than this is encoded per request.
+ENCODED_BYTES = 256 * 1024**2
 PENDING_PER_GROUP = 4  # message 0s awaiting their message 1, per group and session
 _HEADER = struct.Struct("<IQ")  # rows, exchange id
+
+
+Encoded = list[list[sealapi.Plaintext | None]]  # weight polynomials per out block and in block, NTT form
 
 
 @dataclass(frozen=True)
@@ -239,15 +242,27 @@ class Session:
             while len(waiting) > PENDING_PER_GROUP:
                 self.pending.pop((key, waiting.popleft()), None)
 
+    def expect(self, key: str, exchange: int) -> None:
+        """Refuse a message 1 that has no pending message 0, before its ciphertexts are read
+        (:meth:`take` checks again, atomically, when it is evaluated)."""
+        with self.lock:
+            pending = (key, exchange) in self.pending
+        if not pending:
+            raise _out_of_order(key)
+
     def take(self, key: str, exchange: int, rows: int) -> np.ndarray:
         """The mask of this exchange's message 0, once: a replayed or early message 1 finds none."""
         with self.lock:
             pending = self.pending.pop((key, exchange), None)
         if pending is None:
-            raise MessageOrderError(f"message 1 of {key} without a pending message 0 (out of order or replayed)")
+            raise _out_of_order(key)
         if pending[0] != rows:
             raise PayloadError(f"message 1 of {key} declares {rows} rows, its message 0 had {pending[0]}")
         return pending[1]
+
+
+def _out_of_order(key: str) -> MessageOrderError:
+    return MessageOrderError(f"message 1 of {key} without a pending message 0 (out of order or replayed)")
 
 
 class Server:
@@ -267,12 +282,19 @@ class Server:
         self.rng = SystemRandom()
         self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
         self.filler = IdleFiller()
-        # Encoded weights per (group, message, block shape), least recently used first out: a
-        # client choosing unusual row counts cannot make the server keep every layout's copy.
-        self._encoded: collections.OrderedDict[tuple[str, int, int, int], list[list[sealapi.Plaintext | None]]] = \
+        # Encoded weights per (group, message, block shape) with their bytes, least recently used
+        # first out: a client choosing unusual row counts cannot make the server keep every copy.
+        self._encoded: collections.OrderedDict[tuple[str, int, int, int], tuple[Encoded, int]] = \
             collections.OrderedDict()
-        self._encoded_limit = ENCODED_LAYOUTS * 2 * len(self.matrices)
         self._encoded_lock = threading.Lock()
+        self.encoded_budget = ENCODED_BYTES
+        self._plaintext_bytes = 8 * self.bfv.poly_modulus_degree * (len(self.bfv.coeff_bits) - 1)  # NTT form
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Bytes of encoded weights kept now (never above ``encoded_budget``)."""
+        with self._encoded_lock:
+            return sum(size for _, size in self._encoded.values())
 
     def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
@@ -286,20 +308,33 @@ class Server:
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
+        """Checked cheapest first, so that a refusal costs no more than the check that refuses it:
+        the header, the row count against the ciphertexts sent (no block holds more rows than the
+        ring has coefficients), then, with the session, a message 1's pending message 0, and only
+        then the ciphertexts themselves."""
         check_message(message, self.messages)
         blobs = unframe(payload)
         if not blobs or len(blobs[0]) != _HEADER.size:
             raise PayloadError("malformed payload: no row count and exchange id")
         rows, exchange = _HEADER.unpack(blobs[0])
-        if rows > self.max_rows:
-            raise PayloadError(f"malformed payload: a request carries at most {self.max_rows} rows")
+        if rows > self.max_rows or rows > (len(blobs) - 1) * self.bfv.poly_modulus_degree:
+            raise PayloadError(f"malformed payload: {rows} rows in {len(blobs) - 1} ciphertexts (at most "
+                               f"{self.max_rows} rows a request)")
         layout = self._layout(group, message, rows)
         if len(blobs) - 1 != layout.input_ciphertexts:
             raise PayloadError(f"malformed payload: {rows} rows take {layout.input_ciphertexts} ciphertexts, "
                                f"got {len(blobs) - 1}")
+        if session is not None:
+            self._check_state(group, message, rows, exchange, session)
         inputs = [self._load_input(blob) for blob in blobs[1:]]
         return Request(message, rows if message == 0 else 0, Payload(layout, exchange, inputs))
+
+    def _check_state(self, group: GroupSpec, message: int, rows: int, exchange: int, session: Session) -> None:
+        """What the session's state refuses before the ciphertexts are read: a message 1 without
+        its message 0."""
+        if message == 1:
+            session.expect(group.key, exchange)
 
     def _load_input(self, blob: bytes) -> sealapi.Ciphertext:
         ct = seal.from_bytes(sealapi.Ciphertext, self.ctx, blob, "input ciphertext")
@@ -307,23 +342,24 @@ class Server:
             raise PayloadError("input ciphertext has the wrong size, level or form")
         return ct
 
-    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> list[list[sealapi.Plaintext | None]]:
+    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> Encoded:
         """The weight polynomials of A_hat (message 0) or B_hat (message 1) for this block shape,
         in NTT form (None for an all-zero block, such as the off-diagonal blocks of a fused
         group's B), encoded once per shape and kept."""
         key = (group.key, message, layout.db, layout.ob)
         with self._encoded_lock:
-            encoded = self._encoded.get(key)
-            if encoded is not None:
+            kept = self._encoded.get(key)
+            if kept is not None:
                 self._encoded.move_to_end(key)
-        if encoded is None:
-            matrix = self.matrices[group.key][message]
-            polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
-            encoded = [[self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in row]
-                       for row in polys]
+                return kept[0]
+        matrix = self.matrices[group.key][message]
+        polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
+        encoded = [[self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in row] for row in polys]
+        size = self._plaintext_bytes * sum(plain is not None for row in encoded for plain in row)
+        if size <= self.encoded_budget:
             with self._encoded_lock:
-                self._encoded[key] = encoded
-                while len(self._encoded) > self._encoded_limit:
+                self._encoded[key] = (encoded, size)
+                while sum(kept_size for _, kept_size in self._encoded.values()) > self.encoded_budget:
                     self._encoded.popitem(last=False)
         return encoded
 
@@ -331,7 +367,7 @@ class Server:
         self.evaluator.transform_to_ntt_inplace(plain, self.first)
         return plain
 
-    def _products(self, layout: Layout, inputs: list[sealapi.Ciphertext], weights: list[list[sealapi.Plaintext | None]],
+    def _products(self, layout: Layout, inputs: list[sealapi.Ciphertext], weights: Encoded,
                   session: Session):
         """For every (row block, out block): the sum over input blocks of input x weight, out of NTT form."""
         for ct in inputs:
@@ -373,12 +409,12 @@ class Server:
         """Message 0 or 1 of the masked PLL; ``shift`` ([rows, d_out] mod p) is added to message 1's
         outputs (the pads backend's output masks)."""
         layout, exchange, inputs = request.data.layout, request.data.exchange, request.data.inputs
+        mask = session.take(group.key, exchange, layout.rows) if request.message == 1 else None
         fill = self._uniform(layout)  # every coefficient of a reply is masked
-        if request.message == 0:
+        if mask is None:
             session.keep(group.key, exchange, layout.rows, layout.gather(fill[..., layout.outputs]))
             added = fill
         else:
-            mask = session.take(group.key, exchange, layout.rows)
             _, b_hat = self.matrices[group.key]
             error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
             correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)

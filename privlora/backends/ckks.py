@@ -334,7 +334,7 @@ class Server(OneMessage):
         zero.scale = out.scale
         self.evaluator.add_inplace(out, zero)
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
         check_message(message, self.messages)
         inputs = [self._load_input(blob) for blob in unframe(payload)]
         return Request(message, len(inputs) * self.kernels[group.key].layout.rows_per_ciphertext, inputs)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from privlora.backends.base import BackendBuild, GroupSpec, PayloadError, PendingStore, Request, Weights
+from privlora.backends.signals import kept_signal_handlers
 from privlora.backends.common import OneMessage, block_diagonal, check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, centred, decode, discrete_gaussian,
                                    encode_input, pll_params, quantize_group)
@@ -42,7 +43,8 @@ DEFAULTS = {"x_bits": 8, "w_bits": 6, "max_modulus_bits": 38}  # 38: the widest 
 
 
 def _fhe():
-    from concrete import fhe  # imported on use: it loads the whole compiler
+    with kept_signal_handlers():  # its import replaces the process's signal handlers (backends/signals.py)
+        from concrete import fhe  # imported on use: it loads the whole compiler
 
     return fhe
 
@@ -112,7 +114,8 @@ def _module(shapes: list[Shape], params: PLLParams):
                                       security_level=SecurityLevel.SECURITY_128_BITS,
                                       compress_input_ciphertexts=True)
     try:
-        return module_class.compile({s.function: _inputset(s, params) for s in shapes}, configuration=configuration)
+        with kept_signal_handlers():
+            return module_class.compile({s.function: _inputset(s, params) for s in shapes}, configuration=configuration)
     except RuntimeError as exc:
         raise PLLError(f"Concrete found no TFHE parameters for shapes {[s.function for s in shapes]} ({exc}); "
                        "lower w_bits or x_bits") from None
@@ -146,10 +149,11 @@ class Client(OneMessage):
         self.params = PLLParams(**params["pll"])
         self.groups = params["groups"]
         self.client = fhe.Client(fhe.ClientSpecs.deserialize(params["client_specs"].encode()))
-        if secret_key is None:
-            self.client.keygen()
-        else:
-            self.client.keys.load_from_bytes(secret_key)
+        with kept_signal_handlers():
+            if secret_key is None:
+                self.client.keygen()
+            else:
+                self.client.keys.load_from_bytes(secret_key)
 
     def secret_key(self) -> bytes:
         return self.client.keys.serialize()
@@ -162,7 +166,8 @@ class Client(OneMessage):
         x_hat, scale = encode_input(rows, self.params.x_bits)
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
         function = self.groups[group.key]["function"]
-        blobs = [self.client.encrypt(row, None, None, None, function_name=function)[0].serialize() for row in x_hat]
+        with kept_signal_handlers():
+            blobs = [self.client.encrypt(row, None, None, None, function_name=function)[0].serialize() for row in x_hat]
         return frame(blobs), (scale, leading)
 
     def decrypt(self, group: GroupSpec, reply: bytes, state: tuple[np.ndarray, tuple[int, ...]]) -> np.ndarray:
@@ -172,7 +177,9 @@ class Client(OneMessage):
         rows = []
         for blob in unframe(reply, len(scale)):
             try:
-                rows.append(np.asarray(self.client.decrypt(fhe.Value.deserialize(blob), function_name=spec["function"])))
+                with kept_signal_handlers():
+                    rows.append(np.asarray(self.client.decrypt(fhe.Value.deserialize(blob),
+                                                               function_name=spec["function"])))
             except RuntimeError as exc:
                 raise PayloadError(f"malformed reply ciphertext: {exc}") from None
         y = np.stack(rows).reshape(len(scale), group.d_out) if rows else np.zeros((0, group.d_out), np.int64)
@@ -206,7 +213,7 @@ class Server(OneMessage):
         error = discrete_gaussian(self.rng, self.params.sigma, self.params.error_bound, shape.d_out)
         return error + self.rng.integers(0, 2, shape.d_out) * 2**shape.bits
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
         check_message(message, self.messages)
         fhe = _fhe()
         values = []
@@ -222,8 +229,9 @@ class Server(OneMessage):
         replies = []
         for value in request.data:
             try:
-                result = self.server.run(value, a_t, b_t, self._noise(shape), evaluation_keys=session,
-                                         function_name=shape.function)
+                with kept_signal_handlers():  # the runtime's first run installs its own (backends/signals.py)
+                    result = self.server.run(value, a_t, b_t, self._noise(shape), evaluation_keys=session,
+                                             function_name=shape.function)
             except (RuntimeError, ValueError) as exc:
                 raise PayloadError(f"malformed input ciphertext: {exc}") from None
             replies.append(result.serialize())

@@ -53,6 +53,6 @@ def exchange(client: BackendClient, group: GroupSpec, x: np.ndarray, send: Calla
 
 def local_send(server: BackendServer, group: GroupSpec, session: Any) -> Callable[[int, bytes], bytes]:
     """``send`` for :func:`exchange` straight to a backend server in this process (tests, benchmarks)."""
-    return lambda message, payload: server.evaluate(group, server.parse(group, message, payload), session)
+    return lambda message, payload: server.evaluate(group, server.parse(group, message, payload, session), session)
 
 

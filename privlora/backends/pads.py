@@ -198,10 +198,12 @@ class Server(bfv.Server):
     def offline_seconds(self, session: Session) -> float:
         return super().offline_seconds(session.crypto)
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Session | None = None) -> Request:
+        """An offline message is the ``bfv`` one (checked as it is, with the pads' own bound on
+        unused pads before any ciphertext is read); an online one is pad ids and padded rows."""
         check_message(message, self.messages)
         if message != ONLINE:
-            request = super().parse(group, message - 1, payload)
+            request = super().parse(group, message - 1, payload, session)
             return Request(message, 0, request.data)  # pads carry no row of x: nothing to charge
         parts = unframe(payload, 3)
         if len(parts[0]) != _ROWS.size:
@@ -214,6 +216,13 @@ class Server(bfv.Server):
             raise PayloadError("malformed payload: pad ids must be distinct")
         u = unpack_values(parts[2], self.bits, rows * group.d_in).reshape(rows, group.d_in)
         return Request(ONLINE, rows, Online(ids, u, hashlib.blake2b(payload, digest_size=16).digest()))
+
+    def _check_state(self, group: GroupSpec, message: int, rows: int, exchange: int, session: Session) -> None:
+        if message == 0:  # the pads' first offline message: the bound on unused pads
+            with session.ledger.lock:
+                session.ledger.check(group.key, rows)
+        else:
+            super()._check_state(group, message, rows, exchange, session.crypto)
 
     def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
         if request.message == ONLINE:

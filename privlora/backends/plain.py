@@ -123,7 +123,7 @@ class Server:
     def offline_seconds(self, session: Session) -> float:
         return 0.0
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
         check_message(message, self.messages)
         if message == 0:
             x_hat = unpack(payload, np.int64, group.d_in)

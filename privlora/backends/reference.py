@@ -47,7 +47,7 @@ class Server(OneMessage):
     def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> None:
         refuse_keys(evaluation_keys)
 
-    def parse(self, group: GroupSpec, message: int, payload: bytes) -> Request:
+    def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
         check_message(message, self.messages)
         x = unpack(payload, np.float32, group.d_in)
         return Request(message, len(x), x)

@@ -107,7 +107,12 @@ class SecureClient:
         self.on_group: Callable[[], None] | None = None  # called after each group's exchange (progress)
 
     def _check_server(self) -> None:
-        hosted = [entry.get("artifact") for entry in self.transport.info().get("artifacts", [])]
+        """The server hosts this client's artifact. A server with accounts shows its artifacts only
+        to a caller with a valid token; without one, opening the session says what is missing."""
+        info = self.transport.info()
+        if "artifacts" not in info:
+            return
+        hosted = [entry.get("artifact") for entry in info["artifacts"]]
         if self.artifact_id not in hosted:
             served = ", ".join(str(artifact)[:16] for artifact in hosted) or "none"
             raise ArtifactError("the server runs another artifact (or another build of it) than this client bundle: "

@@ -73,13 +73,22 @@ class Credentials:
         return ssl.create_default_context(cafile=self.ca_cert)
 
 
-def _refusal(response) -> tuple[str, str | None]:
+def _refusal(body: bytes) -> tuple[str, str | None]:
     """The error message and code of a refusal's JSON body (or its text)."""
+    text = body.decode("utf-8", "replace")
     try:
-        body = response.json()
-        return str(body.get("error", response.text)), body.get("code")
-    except ValueError:
-        return response.text, None
+        refusal = json.loads(body)
+        return str(refusal.get("error", text)), refusal.get("code")
+    except (ValueError, AttributeError):
+        return text, None
+
+
+def refused(what: str, status: int, body: bytes, credentials: Credentials) -> TransportError:
+    """The TransportError of a refusal: its status, message and code, and for a missing token, the fix."""
+    message, code = _refusal(body)
+    if code == "unauthenticated" and not credentials.token:
+        message += f" ({TOKEN_HINT})"
+    return TransportError(f"server refused {what}: {status} {message}", status, code)
 
 
 class HttpTransport:
@@ -111,11 +120,7 @@ class HttpTransport:
             except httpx.HTTPError as exc:
                 raise unreachable(self.url, exc) from None
         if response.status_code >= 400:
-            message, code = _refusal(response)
-            if code == "unauthenticated" and not self.credentials.token:
-                message += f" ({TOKEN_HINT})"
-            raise TransportError(f"server refused {method} {path}: {response.status_code} {message}",
-                                 response.status_code, code)
+            raise refused(f"{method} {path}", response.status_code, response.content, self.credentials)
         return response
 
     def info(self) -> dict[str, Any]:
@@ -148,6 +153,7 @@ class StreamTransport(HttpTransport):
         self.reconnects = 0  # messages sent again on a new connection
 
     def _socket(self, session: str):
+        from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
         if session not in self.sockets:
@@ -157,7 +163,10 @@ class StreamTransport(HttpTransport):
                                                 open_timeout=self.timeout, compression=None,
                                                 additional_headers=self.credentials.headers(),
                                                 ssl=self.credentials.ssl_context() if secure else None)
-            except Exception as exc:  # the websockets client raises several kinds for a refused handshake
+            except InvalidStatus as exc:  # the handshake refused, with the refusal's status and body
+                raise refused("the stream", exc.response.status_code, exc.response.body or b"",
+                              self.credentials) from None
+            except Exception as exc:  # the websockets client raises several kinds for a failed handshake
                 raise unreachable(self.url, exc, "cannot open a stream to") from None
         return self.sockets[session]
 

@@ -22,6 +22,7 @@ Format versions: 1 named the round schedule ``passes``; 2 calls it ``schedule`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,15 @@ def artifact_id(root: str | Path) -> str:
     """The manifest's sha256: it names every file of both bundles by hash, so it identifies the
     artifact exactly (client and server must agree on it)."""
     return file_sha256(Path(root) / MANIFEST)
+
+
+def adapter_key(root: str | Path) -> str:
+    """The adapter's weights, named by content: a digest of its weight files' digests (its config
+    and training notes left out), the same for every build of that adapter. A server counts
+    query budgets against it, so that two builds of one adapter draw on one budget."""
+    digests = read_manifest(Path(root))["adapter"]["sha256"]
+    weights = sorted(f"{name}:{digest}" for name, digest in digests.items() if name.endswith((".safetensors", ".bin")))
+    return hashlib.sha256("\n".join(weights or sorted(digests.values())).encode()).hexdigest()
 
 
 def read_server_program(bundle: Bundle) -> dict[str, np.ndarray]:

@@ -105,6 +105,10 @@ class TooLargeError(PrivloraError):
     """A request body is larger than the server accepts."""
 
 
+class HeadersTooLargeError(PrivloraError):
+    """The request's headers are larger than the server reads."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -121,6 +125,7 @@ REFUSALS: dict[type[Exception], Refusal] = {
     UnknownArtifactError: Refusal(404, "unknown_artifact"),
     MessageOrderError: Refusal(409, "message_order"),
     TooLargeError: Refusal(413, "too_large"),
+    HeadersTooLargeError: Refusal(431, "headers_too_large"),
     RateLimitError: Refusal(429, "rate_limited"),
     CapacityError: Refusal(503, "at_capacity"),
 }

@@ -9,9 +9,10 @@ in the WAL before the request is answered.
 Tokens are random 256-bit strings shown once at creation; the database keeps only their SHA-256
 (a fast hash is enough for keys of this entropy: there is nothing to brute-force).
 
-The budget counts rows of x per LoRA site and per artifact, across all the account's sessions:
+The budget counts rows of x per LoRA site and per adapter, across all the account's sessions:
 extracting one site's map needs about ``d_in`` chosen rows (docs/security.md), and a new session
-no longer resets the count.
+no longer resets the count. The adapter is named by its weights' digest, not by an artifact's
+id: two builds of one adapter (two backends, a recompile) draw on one budget.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from privlora.errors import PrivloraError
 from privlora.core.wire import AuthError, BudgetError, ForbiddenError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: usage is keyed by the adapter's weights, not by the artifact
 TOKEN_PREFIX = "plk_"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
@@ -48,10 +49,10 @@ CREATE TABLE IF NOT EXISTS accounts (
 );
 CREATE TABLE IF NOT EXISTS usage (
     account TEXT NOT NULL REFERENCES accounts(name),
-    artifact TEXT NOT NULL,
+    adapter TEXT NOT NULL,
     site TEXT NOT NULL,
     rows INTEGER NOT NULL,
-    PRIMARY KEY (account, artifact, site)
+    PRIMARY KEY (account, adapter, site)
 );
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -115,6 +116,9 @@ class AccountStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._db.executescript(_SCHEMA)
+            elif version == 1:  # rows stay under the artifact ids until a server hosting one adopts them
+                self._db.executescript(f"ALTER TABLE usage RENAME COLUMN artifact TO adapter; "
+                                       f"PRAGMA user_version = {SCHEMA_VERSION};")
             elif version != SCHEMA_VERSION:
                 raise AccountError(f"{self.path} is an accounts database of schema {version}; this privlora reads "
                                    f"schema {SCHEMA_VERSION}")
@@ -170,7 +174,15 @@ class AccountStore:
             raise ForbiddenError(f"the API token of account {account.name!r} was revoked")
         return account
 
-    def charge(self, account: Account, artifact: str, sites: Iterable[str], rows: int) -> None:
+    def adopt(self, artifact: str, adapter: str) -> None:
+        """Move use counted under an artifact's id (schema 1) to its adapter's key, adding it to
+        what that adapter already has."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO usage SELECT account, ?, site, rows FROM usage WHERE adapter = ? "
+                       "ON CONFLICT (account, adapter, site) DO UPDATE SET rows = rows + excluded.rows", (adapter, artifact))
+            db.execute("DELETE FROM usage WHERE adapter = ?", (artifact,))
+
+    def charge(self, account: Account, adapter: str, sites: Iterable[str], rows: int) -> None:
         """Count ``rows`` against every one of ``sites``, or against none: BudgetError when any
         site would go over the account's budget."""
         sites = tuple(sites)
@@ -180,22 +192,22 @@ class AccountStore:
             limit = account.limits.max_rows
             if limit is not None:
                 marks = ",".join("?" * len(sites))
-                used = db.execute(f"SELECT MAX(rows) FROM usage WHERE account = ? AND artifact = ? AND site IN ({marks})",
-                                  (account.name, artifact, *sites)).fetchone()[0] or 0
+                used = db.execute(f"SELECT MAX(rows) FROM usage WHERE account = ? AND adapter = ? AND site IN ({marks})",
+                                  (account.name, adapter, *sites)).fetchone()[0] or 0
                 if used + rows > limit:
                     raise BudgetError(f"query budget exhausted: account {account.name!r} has used {used} of its "
-                                      f"{limit} rows per LoRA site on this artifact (this request: {rows})")
-            db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT (account, artifact, site) "
+                                      f"{limit} rows per LoRA site on this adapter (this request: {rows})")
+            db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT (account, adapter, site) "
                            "DO UPDATE SET rows = rows + excluded.rows",
-                           [(account.name, artifact, site, rows) for site in sites])
+                           [(account.name, adapter, site, rows) for site in sites])
 
-    def site_rows(self, name: str, artifact: str) -> dict[str, int]:
+    def site_rows(self, name: str, adapter: str) -> dict[str, int]:
         return {row["site"]: row["rows"] for row in
-                self._query("SELECT site, rows FROM usage WHERE account = ? AND artifact = ?", (name, artifact))}
+                self._query("SELECT site, rows FROM usage WHERE account = ? AND adapter = ?", (name, adapter))}
 
-    def usage(self, artifact: str | None = None) -> list[AccountUsage]:
-        """Every account with its use, on one artifact or on all."""
-        where, parameters = ("AND u.artifact = ?", (artifact,)) if artifact else ("", ())
+    def usage(self, adapter: str | None = None) -> list[AccountUsage]:
+        """Every account with its use, on one adapter or on all."""
+        where, parameters = ("AND u.adapter = ?", (adapter,)) if adapter else ("", ())
         rows = self._query(f"SELECT a.*, COUNT(u.site) AS sites, COALESCE(MAX(u.rows), 0) AS max_rows_used, "
                            f"COALESCE(SUM(u.rows), 0) AS total FROM accounts a LEFT JOIN usage u "
                            f"ON u.account = a.name {where} GROUP BY a.name ORDER BY a.created", parameters)

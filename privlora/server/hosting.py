@@ -11,7 +11,12 @@ from typing import Any
 from privlora.core.artifact import ArtifactError
 from privlora.core.wire import AuthError, ForbiddenError, SessionError, UnknownArtifactError
 from privlora.server.accounts import Account
+from privlora.server.fairness import FairLimits, FairQueue
 from privlora.server.private import SESSION_PREFIX, PrivateServer
+
+# What only an operator sees in the health answer: other callers' comings and goings.
+OPERATOR_FIELDS = frozenset({"sessions", "session_key_bytes", "requests_in_progress", "requests_waiting",
+                             "peak_rss_bytes", "replica"})
 
 
 class Hosting:
@@ -19,7 +24,7 @@ class Hosting:
     sessions, limits and budgets, sharing one accounts database. A session id starts with its
     artifact's id prefix, so a request naming a session reaches the right artifact."""
 
-    def __init__(self, servers: list[PrivateServer]) -> None:
+    def __init__(self, servers: list[PrivateServer], fair: FairLimits = FairLimits()) -> None:
         self.servers = {server.artifact_id: server for server in servers}
         if len(self.servers) != len(servers):
             raise ArtifactError("the same artifact is named twice")
@@ -30,6 +35,7 @@ class Hosting:
         self.accounts = self.first.accounts
         if any(server.accounts is not self.accounts for server in servers):
             raise ArtifactError("the hosted artifacts must share one accounts database (or none)")
+        self.fair = FairQueue(fair)
 
     def account(self, authorization: str | None) -> Account | None:
         """The account an ``Authorization: Bearer <token>`` header names; None without accounts.
@@ -65,25 +71,55 @@ class Hosting:
             raise SessionError("unknown or expired session")
         return server
 
-    # The routes' work, the caller authenticated first (so that a stranger learns nothing of sessions).
-    def open_session(self, authorization: str | None, artifact: str | None, evaluation_keys: bytes) -> str:
-        account = self.account(authorization)
+    # The routes' work, for a caller authenticated first (so that a stranger learns nothing of
+    # sessions, and sends no body before its token is checked).
+    def open_session(self, account: Account | None, artifact: str | None, evaluation_keys: bytes) -> str:
         return self.artifact(artifact).open_session(evaluation_keys, account)
 
-    def close_session(self, authorization: str | None, session_id: str) -> None:
-        account = self.account(authorization)
+    def close_session(self, account: Account | None, session_id: str) -> None:
         self.session(session_id).close_session(session_id, account)
 
-    def evaluate(self, authorization: str | None, session_id: str, round_name: str, index: int, message: int,
+    def check_session(self, account: Account | None, session_id: str) -> None:
+        """Refuse an unknown, expired or another's session (before a body or a stream is taken)."""
+        self.session(session_id).check_session(session_id, account)
+
+    def check_round(self, account: Account | None, session_id: str, round_name: str, index: int, message: int) -> None:
+        """Refuse a message to an unknown session, group or message before its body is read."""
+        self.check_session(account, session_id)
+        self.session(session_id).group(round_name, index, message)
+
+    def caller(self, account: Account | None, session_id: str) -> str:
+        """Whose fair share a request draws on: its account's, or without accounts its session's."""
+        return f"account:{account.name}" if account is not None else f"session:{session_id}"
+
+    def evaluate(self, account: Account | None, session_id: str, round_name: str, index: int, message: int,
                  payload: bytes) -> bytes:
-        account = self.account(authorization)
-        return self.session(session_id).evaluate(session_id, round_name, index, message, payload, account)
+        server = self.session(session_id)
+        with self.fair.turn(self.caller(account, session_id)):
+            return server.evaluate(session_id, round_name, index, message, payload, account)
+
+    def health(self, authorization: str | None) -> dict[str, Any]:
+        """The health answer, as much as the caller may see: a stranger (no valid token on a server
+        with accounts) learns only that the server is up; an account, the hosted artifacts; an
+        admin (or anyone, without accounts), the sessions and memory too."""
+        try:
+            account = self.account(authorization)
+        except (AuthError, ForbiddenError):
+            return {"status": "ok", "accounts": True}
+        info = self.info()
+        if account is not None and not account.admin:
+            info = {key: value for key, value in info.items() if key not in OPERATOR_FIELDS}
+            info["artifacts"] = [{key: value for key, value in entry.items() if key not in OPERATOR_FIELDS}
+                                 for entry in info["artifacts"]]
+        return {"status": "ok", **info}
 
     def info(self) -> dict[str, Any]:
-        """The health answer: every hosted artifact, and with one, its fields at the top level too."""
+        """Everything health shows an operator: every hosted artifact, and with one, its fields at
+        the top level too."""
         artifacts = [server.describe() for server in self.servers.values()]
         single = artifacts[0] if len(artifacts) == 1 else {}
         return {**single, "artifacts": artifacts, "accounts": self.accounts is not None,
                 "sessions": sum(a["sessions"] for a in artifacts),
                 "session_key_bytes": sum(a["session_key_bytes"] for a in artifacts),
+                "requests_in_progress": self.fair.in_progress(), "requests_waiting": self.fair.waiting(),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,9 +46,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, TooLargeError, read_stream_request,
-                                refusal_of, stream_reply)
-from privlora.server.accounts import AccountStore
+from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, HeadersTooLargeError, TooLargeError,
+                                read_stream_request, refusal_of, stream_reply)
+from privlora.server.accounts import Account, AccountStore
+from privlora.server.guard import ConnectionLimits, guarded_h11, header_bytes
 from privlora.server.hosting import Hosting
 from privlora.server.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.server.private import PrivateServer
@@ -104,12 +106,16 @@ class Instrumented:
     """ASGI middleware: each HTTP request's route, status and time into the metrics, the count
     of work in flight for a graceful shutdown, and a 503 for new work once it has begun."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, drain: Drain) -> None:
-        self.app, self.metrics, self.drain = app, metrics, drain
+    def __init__(self, app: ASGIApp, metrics: Metrics, drain: Drain, max_header_bytes: int) -> None:
+        self.app, self.metrics, self.drain, self.max_header_bytes = app, metrics, drain, max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if header_bytes(scope) > self.max_header_bytes:
+            status, body = refusal_body(HeadersTooLargeError(f"request headers over {self.max_header_bytes} bytes"))
+            await JSONResponse(body, status_code=status)(scope, receive, send)
             return
         if self.drain.draining and not scope["path"].endswith("/health"):
             status, body = _SHUTTING_DOWN
@@ -146,28 +152,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits()) -> FastAPI:
+def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(),
+               connections: ConnectionLimits = ConnectionLimits()) -> FastAPI:
     hosting = hosted if isinstance(hosted, Hosting) else Hosting([hosted])
     app = FastAPI(title="privlora server", docs_url=None, redoc_url=None, openapi_url=None)
     metrics, drain = Metrics(hosting), Drain()
     app.state.drain = drain
-    app.add_middleware(Instrumented, metrics=metrics, drain=drain)
+    app.add_middleware(Instrumented, metrics=metrics, drain=drain, max_header_bytes=connections.max_header_bytes)
 
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         status, body = refusal_body(exc)
         metrics.refusals.labels(body["code"]).inc()
-        headers = {"retry-after": "1"} if status in (429, 503) else None
-        if status == 401:
-            headers = {"www-authenticate": "Bearer"}
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status, headers=refusal_headers(status))
 
     for kind in REFUSALS:
         app.add_exception_handler(kind, refused)
     app.add_exception_handler(Exception, refused)
 
+    async def account(request: Request | WebSocket) -> Account | None:
+        return await run_in_threadpool(hosting.account, request.headers.get("authorization"))
+
     @app.get(f"{API}/health")
-    async def health() -> dict:
-        return {"status": "ok", **hosting.info()}
+    async def health(request: Request) -> dict:
+        return await run_in_threadpool(hosting.health, request.headers.get("authorization"))
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
@@ -176,49 +183,91 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
 
     @app.post(f"{API}/sessions")
     async def open_session(request: Request) -> dict:
-        keys = await _read_body(request, limits.keys)
-        authorization, artifact = request.headers.get("authorization"), request.query_params.get("artifact")
-        return {"session": await run_in_threadpool(hosting.open_session, authorization, artifact, keys)}
+        caller = await account(request)  # before the body: a stranger's upload is never read
+        with hosting.fair.request(hosting.caller(caller, "new")):
+            keys = await _read_body(request, limits.keys)
+            artifact = request.query_params.get("artifact")
+            return {"session": await run_in_threadpool(hosting.open_session, caller, artifact, keys)}
 
     @app.delete(f"{API}/sessions/{{session}}")
     async def close_session(session: str, request: Request) -> dict:
-        authorization = request.headers.get("authorization")
-        await run_in_threadpool(hosting.close_session, authorization, session)
+        await run_in_threadpool(hosting.close_session, await account(request), session)
         return {"closed": True}
 
     @app.post(f"{API}/sessions/{{session}}/rounds/{{round_name}}/{{index}}/{{message}}")
     async def evaluate(session: str, round_name: str, index: int, message: int, request: Request) -> Response:
-        payload = await _read_body(request, limits.round)
-        authorization = request.headers.get("authorization")
-        reply = await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message, payload)
+        caller = await account(request)
+        await run_in_threadpool(hosting.check_round, caller, session, round_name, index, message)
+        with hosting.fair.request(hosting.caller(caller, session)):
+            payload = await _read_body(request, limits.round)
+            reply = await run_in_threadpool(hosting.evaluate, caller, session, round_name, index, message, payload)
         return Response(reply, media_type="application/octet-stream")
 
     @app.websocket(f"{API}/sessions/{{session}}/stream")
     async def stream(socket: WebSocket, session: str) -> None:
-        """The same messages as the round route, one binary frame each way on one connection. A
-        frame larger than the round limit closes the connection (1009, "message too big"); a
-        shutdown closes it (1012) after answering the frame in flight. While a frame takes longer
+        """The same messages as the round route, one binary frame each way on one connection. The
+        handshake is refused (with the HTTP status of the refusal) for a missing or bad token,
+        another's or an unknown session, or an account with all its requests in progress; an open
+        stream counts as one of them. A frame larger than the round limit closes the stream (1009,
+        "message too big"), a text frame too (1003), and so does a stream idle too long (1001)
+        or a shutdown (1012, after answering the frame in flight). While a frame takes longer
         than a heartbeat period, heartbeat frames (status 102) tell the client the server lives."""
-        answer = partial(answer_frame, hosting, session, socket.headers.get("authorization"))
-        await socket.accept()
-        try:
-            while not drain.draining:
-                frame = await socket.receive_bytes()
-                start = time.perf_counter()
-                drain.in_flight += 1
-                try:
-                    status, reply = await _with_heartbeats(socket, answer(frame))
-                finally:
-                    drain.in_flight -= 1
-                if status >= 400:
-                    metrics.refusals.labels(json.loads(reply)["code"]).inc()
-                metrics.observe(STREAM_ROUTE, "FRAME", status, time.perf_counter() - start)
-                await socket.send_bytes(stream_reply(status, reply))
-            await socket.close(1012)
-        except WebSocketDisconnect:
-            return
+        authorization = socket.headers.get("authorization")
+        with ExitStack() as held:
+            try:
+                if header_bytes(socket.scope) > connections.max_header_bytes:
+                    raise HeadersTooLargeError("request headers too large")
+                caller = await account(socket)
+                await run_in_threadpool(hosting.check_session, caller, session)
+                held.enter_context(hosting.fair.request(hosting.caller(caller, session)))
+            except Exception as exc:
+                status, body = refusal_body(exc)
+                metrics.refusals.labels(body["code"]).inc()
+                await socket.send_denial_response(JSONResponse(body, status_code=status,
+                                                               headers=refusal_headers(status)))
+                return
+            await _serve_stream(socket, partial(answer_frame, hosting, authorization, session), drain, metrics,
+                                connections.stream_idle_seconds)
 
     return app
+
+
+async def _serve_stream(socket: WebSocket, answer: Any, drain: Drain, metrics: Metrics, idle_seconds: float) -> None:
+    await socket.accept()
+    while not drain.draining:
+        try:
+            received = await asyncio.wait_for(socket.receive(), idle_seconds)
+        except asyncio.TimeoutError:
+            await socket.close(1001, "idle too long")
+            return
+        if received["type"] == "websocket.disconnect":
+            return
+        frame = received.get("bytes")
+        if frame is None:
+            await socket.close(1003, "binary frames only")
+            return
+        start = time.perf_counter()
+        drain.in_flight += 1
+        try:
+            status, reply = await _with_heartbeats(socket, answer(frame))
+        finally:
+            drain.in_flight -= 1
+        if status >= 400:
+            metrics.refusals.labels(json.loads(reply)["code"]).inc()
+        metrics.observe(STREAM_ROUTE, "FRAME", status, time.perf_counter() - start)
+        try:
+            await socket.send_bytes(stream_reply(status, reply))
+        except (WebSocketDisconnect, RuntimeError):  # the client went away while its frame was evaluated
+            return
+    await socket.close(1012)
+
+
+def refusal_headers(status: int) -> dict[str, str] | None:
+    if status in (429, 503):
+        return {"retry-after": "1"}
+    if status == 401:
+        return {"www-authenticate": "Bearer"}
+    return None
 
 
 async def _with_heartbeats(socket: WebSocket, work: Any) -> tuple[int, bytes]:
@@ -233,16 +282,16 @@ async def _with_heartbeats(socket: WebSocket, work: Any) -> tuple[int, bytes]:
         await socket.send_bytes(stream_reply(HEARTBEAT, b""))
 
 
-async def answer_frame(hosting: Hosting, session: str, authorization: str | None,
-                       frame: bytes) -> tuple[int, bytes]:
-    """A stream frame's status and reply: the evaluation, or the refusal the HTTP route would give."""
+async def answer_frame(hosting: Hosting, authorization: str | None, session: str, frame: bytes) -> tuple[int, bytes]:
+    """A stream frame's status and reply: the evaluation, or the refusal the HTTP route would give
+    (the token is checked again, so that a revocation cuts an open stream)."""
     try:
         round_name, index, message, payload = read_stream_request(frame)
     except ValueError as exc:
         return 400, json.dumps({"error": f"malformed stream frame: {exc}", "code": "malformed_payload"}).encode()
     try:
-        return 200, await run_in_threadpool(hosting.evaluate, authorization, session, round_name, index, message,
-                                            payload)
+        caller = await run_in_threadpool(hosting.account, authorization)
+        return 200, await run_in_threadpool(hosting.evaluate, caller, session, round_name, index, message, payload)
     except Exception as exc:
         status, body = refusal_body(exc)
         return status, json.dumps(body).encode()
@@ -307,6 +356,17 @@ class TLS:
     key: Path
 
 
+def server_config(app: FastAPI, host: str, port: int, limits: BodyLimits = BodyLimits(),
+                  connections: ConnectionLimits = ConnectionLimits(), tls: TLS | None = None) -> uvicorn.Config:
+    """uvicorn's configuration for a privlora server: our protocols, with the connection guard."""
+    # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          **{**UVICORN_PROTOCOLS, "http": guarded_h11(connections)},
+                          timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=limits.round, ws_ping_interval=None,
+                          ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None,
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+
+
 def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           limits: SessionLimits = SessionLimits(), accounts: str | Path | None = None, tls: TLS | None = None) -> None:
     configure_logging(log_level)
@@ -318,9 +378,4 @@ def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_l
     else:
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
     app = create_app(hosting)
-    # uvicorn's access log prints request paths (session ids); ours logs truncated ids only
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS,
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS, ws_max_size=BodyLimits().round, ws_ping_interval=None,
-                            ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
-    GracefulServer(config, app.state.drain).run()
+    GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run()

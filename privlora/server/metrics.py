@@ -35,12 +35,12 @@ class _ServerState(Collector):
         if self.hosting.accounts is None:
             return
         rows = GaugeMetricFamily("privlora_account_rows", "Rows of x an account has sent to its most-queried LoRA "
-                                 "site of an artifact (what the per-site budget bounds)", labels=["account", "artifact"])
+                                 "site of an adapter (what the per-site budget bounds)", labels=["account", "adapter"])
         budget = GaugeMetricFamily("privlora_account_budget_rows", "An account's budget in rows per LoRA site",
                                    labels=["account"])
-        for artifact in self.hosting.servers:
-            for usage in self.hosting.accounts.usage(artifact):
-                rows.add_metric([usage.account.name, artifact[:16]], usage.max_site_rows)
+        for adapter in sorted({server.adapter_key for server in self.hosting.servers.values()}):
+            for usage in self.hosting.accounts.usage(adapter):
+                rows.add_metric([usage.account.name, adapter[:16]], usage.max_site_rows)
         for usage in self.hosting.accounts.usage():
             if usage.account.limits.max_rows is not None:
                 budget.add_metric([usage.account.name], usage.account.limits.max_rows)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from privlora import backends
-from privlora.core.artifact import SERVER, artifact_id, load_bundle, read_server_program
+from privlora.core.artifact import SERVER, adapter_key, artifact_id, load_bundle, read_server_program
 from privlora.core.types import GroupSpec, groups_from_rounds
 from privlora.core.wire import BudgetError, RateLimitError, RoundError
 from privlora.server.accounts import Account, AccountStore
@@ -47,6 +47,7 @@ class PrivateServer:
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
         self.name = manifest["adapter"]["name"]  # readable; the id is what names it exactly
+        self.adapter_key = adapter_key(artifact)  # what the query budget is counted against
         self.session_prefix = self.artifact_id[:SESSION_PREFIX] + "."  # a hosting server routes sessions by it
         self.backend_name = manifest["backend"]["name"]
         self.groups: dict[tuple[str, int], GroupSpec] = {(g.round, g.index): g for g in groups_from_rounds(manifest["rounds"])}
@@ -54,6 +55,8 @@ class PrivateServer:
                                                                manifest["backend"]["parameters"])
         self.limits = limits
         self.accounts = accounts
+        if accounts is not None:
+            accounts.adopt(self.artifact_id, self.adapter_key)
         self.sessions = SessionTable(limits)
         self._account_buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
@@ -63,7 +66,7 @@ class PrivateServer:
     def describe(self) -> dict[str, Any]:
         """This artifact's entry in the health answer."""
         sessions = self.sessions.sessions()
-        return {"artifact": self.artifact_id, "name": self.name, "backend": self.backend_name,
+        return {"artifact": self.artifact_id, "name": self.name, "adapter": self.adapter_key, "backend": self.backend_name,
                 "messages": self.backend.messages, "sessions": len(sessions), "groups": len(self.groups),
                 "session_key_bytes": sum(s.key_bytes for s in sessions)}
 
@@ -96,6 +99,10 @@ class PrivateServer:
     def _session(self, session_id: str, account: Account | None) -> Session:
         return self.sessions.get(session_id, _owner(account))
 
+    def check_session(self, session_id: str, account: Account | None) -> None:
+        """SessionError unless the session is open and the account's (a request's first check)."""
+        self._session(session_id, account)
+
     def group(self, round_name: str, index: int, message: int = 0) -> GroupSpec:
         group = self.groups.get((round_name, index))
         if group is None:
@@ -122,7 +129,7 @@ class PrivateServer:
                 return
         assert self.accounts is not None
         try:
-            self.accounts.charge(account, self.artifact_id, (site.module for site in group.sites), rows)
+            self.accounts.charge(account, self.adapter_key, (site.module for site in group.sites), rows)
         except BudgetError:
             log.info("budget exhausted", extra={"event": "budget", "session": session_tag(session_id), "account": account.name})
             raise
@@ -133,7 +140,7 @@ class PrivateServer:
         before any work), then evaluated by the backend with the session's keys and state."""
         session = self._session(session_id, account)
         group = self.group(round_name, index, message)
-        request = self.backend.parse(group, message, payload)
+        request = self.backend.parse(group, message, payload, session.keys)
         self._admit(session_id, session, group, request.rows, account)
         start = time.perf_counter()
         reply = self.backend.evaluate(group, request, session.keys)

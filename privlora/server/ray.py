@@ -119,6 +119,9 @@ class SessionDirectory:
     def take(self, session_id: str, key: str) -> Any:
         return self.pending.pop((session_id, key), None)
 
+    def has(self, session_id: str, key: str) -> bool:
+        return (session_id, key) in self.pending
+
     def counts(self) -> tuple[int, int]:
         sessions = self.table.sessions()
         return len(sessions), sum(s.key_bytes for s in sessions)
@@ -137,6 +140,9 @@ class SharedPending:
 
     def __setitem__(self, key: str, value: Any) -> None:
         ray.get(self.directory.keep.remote(self.session_id, key, value))
+
+    def __contains__(self, key: object) -> bool:
+        return ray.get(self.directory.has.remote(self.session_id, key))
 
     def pop(self, key: str, default: Any = None) -> Any:
         value = ray.get(self.directory.take.remote(self.session_id, key))

@@ -541,23 +541,22 @@ def test_the_switch_drowns_the_noise_of_the_product(privacy: str, smudged: bool)
     assert (margin < SMUDGED) if smudged else (margin > SMUDGED), message
 
 
-def test_encoded_weights_are_bounded_whatever_row_counts_a_client_sends():
+def test_encoded_weights_are_bounded_in_bytes_whatever_row_counts_a_client_sends():
     """Each row count may need another block shape, whose weights the server encodes: the cache
-    keeps the most recently used few per group and message, so unusual row counts cannot grow
-    the server's memory without bound; every answer stays right."""
+    keeps the most recently used shapes up to a budget in bytes, so unusual row counts cannot
+    grow the server's memory without bound; every answer stays right. The control: the same
+    requests to a server with no budget keep several times as much."""
     g, weights = sparse_or_dense(True)
     (site,) = g.sites
     a, b = weights[site.site_id]
-    d = deploy([g], weights, {"sigma": 0.0})
-    shapes = set()
+    bounded, unbounded = deploy([g], weights, {"sigma": 0.0}), deploy([g], weights, {"sigma": 0.0})
+    budget = bounded.server.encoded_budget = 1024**2
+    unbounded.server.encoded_budget = 1 << 40
     for rows in range(1, 100, 3):
-        for message, (d_in, d_out) in enumerate(((site.d_in, g.rank), (g.rank, site.d_out))):
-            layout = bfv_layout.choose_layout(rows, d_in, d_out, 4096)
-            shapes.add((message, layout.db, layout.ob))
         x = rng.normal(size=(rows, site.d_in))
         exact = (x @ a.T) @ b.T * site.scaling
-        delta = exchange(d.client, g, x, local_send(d.server, g, d.session))
-        assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
-    limit = bfv.ENCODED_LAYOUTS * 2  # per group: both messages
-    assert len(shapes) > limit  # the control: unbounded, the cache would hold every one of these
-    assert len(d.server._encoded) == limit
+        for d in (bounded, unbounded):
+            delta = exchange(d.client, g, x, local_send(d.server, g, d.session))
+            assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
+        assert bounded.server.encoded_bytes <= budget
+    assert unbounded.server.encoded_bytes > 3 * budget

@@ -77,5 +77,5 @@ def test_only_online_rows_are_charged_to_the_account(build, tmp_path):
     client = SecureClient(build[1], InProcessTransport(server, token), cache_keys=False)
     client.prepare(200)  # far beyond the budget: pads are not charged
     answer = list(generate(client, PROMPT, CONFIG))
-    rows = store.site_rows("alice", server.artifact_id)
+    rows = store.site_rows("alice", server.adapter_key)
     assert set(rows.values()) == {len(PROMPT) + len(answer) - 1}

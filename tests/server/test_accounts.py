@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from privlora.core.artifact import adapter_key
 from privlora.server.accounts import AccountError, AccountLimits, AccountStore, token_hash
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, generate
@@ -67,7 +68,7 @@ def test_the_budget_is_per_site_all_or_nothing_and_persists(store, tmp_path):
     with pytest.raises(BudgetError, match="used 10 of its 10"):
         store.charge(alice, "art", ["q", "v"], 1)
     assert store.site_rows("alice", "art") == {"q": 10, "v": 6}  # the refused charge touched neither site
-    store.charge(alice, "other-artifact", ["q"], 10)  # budgets are per artifact
+    store.charge(alice, "other-adapter", ["q"], 10)  # budgets are per adapter
     store.close()
     reopened = AccountStore(tmp_path / "accounts.db")  # a restart
     with pytest.raises(BudgetError):
@@ -79,15 +80,15 @@ def test_the_budget_is_per_site_all_or_nothing_and_persists(store, tmp_path):
 class RacyStore(AccountStore):
     """Control: the check and the update in two transactions, as a naive implementation would."""
 
-    def charge(self, account, artifact, sites, rows):
+    def charge(self, account, adapter, sites, rows):
         sites = tuple(sites)
-        used = max(self.site_rows(account.name, artifact).get(site, 0) for site in sites)
+        used = max(self.site_rows(account.name, adapter).get(site, 0) for site in sites)
         if used + rows > account.limits.max_rows:
             raise BudgetError("over")
         time.sleep(0.001)
         with self._transaction() as db:
-            db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT (account, artifact, site) "
-                           "DO UPDATE SET rows = rows + excluded.rows", [(account.name, artifact, s, rows) for s in sites])
+            db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT (account, adapter, site) "
+                           "DO UPDATE SET rows = rows + excluded.rows", [(account.name, adapter, s, rows) for s in sites])
 
 
 def _spend(stores: list[AccountStore], account, attempts: int) -> int:
@@ -156,7 +157,7 @@ def test_the_budget_holds_across_sessions_and_restarts_in_real_generation(artifa
     client = SecureClient(artifact, InProcessTransport(PrivateServer(artifact, SessionLimits(), store), token),
                           cache_keys=False)
     first = list(generate(client, PROMPT, CONFIG))
-    rows = store.site_rows("alice", PrivateServer(artifact).artifact_id)
+    rows = store.site_rows("alice", adapter_key(artifact))
     assert set(rows.values()) == {len(PROMPT) + len(first) - 1} and len(rows) == 3 * 2  # q and v of 3 layers
     restarted = PrivateServer(artifact, SessionLimits(), store)  # a new server process, a new session
     again = SecureClient(artifact, InProcessTransport(restarted, token), cache_keys=False)

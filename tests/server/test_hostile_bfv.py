@@ -23,8 +23,9 @@ VICTIM_PROMPT = [5, 6, 7]
 VICTIM_CONFIG = GenerationConfig(max_new_tokens=3)
 COUNTS: Counter = Counter()
 # The first 16 bytes are the frame's magic, part count and the row-count part's length; the next
-# 4 the row count (a changed count asks for another number of ciphertexts).
-FRAME_AND_ROWS = 28
+# 4 the row count (a changed count asks for another number of ciphertexts). The 8 after them are
+# the exchange id, the client's free choice: a flip there is another valid message 0.
+FRAME_AND_ROWS = 20
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from support.live import plaintext_tokens
 
-from privlora.core.artifact import artifact_id
+from privlora.core.artifact import adapter_key
 from privlora.tools.loadtest import ServerProcess
 from privlora.server.accounts import AccountStore
 from privlora.client.secure import SecureClient
@@ -25,9 +25,11 @@ PROMPTS = ([3, 14, 15, 92, 65], [27, 18, 28], [5, 9, 77, 101])
 CONFIG = GenerationConfig(max_new_tokens=5)
 
 
-def replicas(url: str, probes: int = 40) -> set[str]:
-    """The replicas that answered ``probes`` health requests (each names its host and pid)."""
-    return {httpx.get(f"{url}/v1/health", timeout=30).json()["artifacts"][0]["replica"] for _ in range(probes)}
+def replicas(url: str, admin: str, probes: int = 40) -> set[str]:
+    """The replicas that answered ``probes`` health requests (each names its host and pid to an admin)."""
+    headers = {"authorization": f"Bearer {admin}"}
+    return {httpx.get(f"{url}/v1/health", headers=headers, timeout=30).json()["artifacts"][0]["replica"]
+            for _ in range(probes)}
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +38,14 @@ def cluster(tiny_build, tmp_path_factory):
     server = ServerProcess(tiny_build.artifact("bfv"), "--ray", "--replicas", "2", "--accounts", str(accounts.path))
     server.start(ready=False)
     server.wait_ready(timeout=240)
-    yield server, accounts
+    yield server, accounts, accounts.create("operator", admin=True)
     assert server.stop() in (0, -signal.SIGTERM), server.output()[-2000:]
 
 
 def test_two_replicas_serve_concurrent_clients_exactly(cluster, tiny_build):
-    server, accounts = cluster
+    server, accounts, admin = cluster
     expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, list(PROMPTS), CONFIG)
-    assert len(replicas(server.url)) == 2
+    assert len(replicas(server.url, admin)) == 2
     tokens = [accounts.create(f"user-{i}") for i in range(len(PROMPTS))]
     results: dict[int, list[int]] = {}
 
@@ -59,15 +61,15 @@ def test_two_replicas_serve_concurrent_clients_exactly(cluster, tiny_build):
     for thread in threads:
         thread.join(300)
     assert [results.get(i) for i in range(len(PROMPTS))] == expected
-    artifact = artifact_id(tiny_build.artifact("bfv"))
+    adapter = adapter_key(tiny_build.artifact("bfv"))
     for i, prompt in enumerate(PROMPTS):  # every row counted once, whichever replica evaluated it
-        assert set(accounts.site_rows(f"user-{i}", artifact).values()) == {len(prompt) + CONFIG.max_new_tokens - 1}
+        assert set(accounts.site_rows(f"user-{i}", adapter).values()) == {len(prompt) + CONFIG.max_new_tokens - 1}
 
 
 def test_a_generation_survives_its_replicas_being_killed(cluster, tiny_build):
-    server, accounts = cluster
+    server, accounts, admin = cluster
     expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, [PROMPTS[0]], CONFIG)[0]
-    before = replicas(server.url)
+    before = replicas(server.url, admin)
     pids = [int(replica.rpartition(":")[2]) for replica in before]
     sent = []
 
@@ -88,7 +90,7 @@ def test_a_generation_survives_its_replicas_being_killed(cluster, tiny_build):
     # session's keys and the pending mask in the directory.
     assert transport.reconnects + client.recoveries >= 1 and time.monotonic() - start < 120
     client.close()
-    after = replicas(server.url)
+    after = replicas(server.url, admin)
     assert len(after) == 2 and not after & before  # two new replica processes
 
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from privlora.tools.loadtest import ServerProcess
+from privlora.core.artifact import adapter_key
 from privlora.server.accounts import AccountLimits, AccountStore
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, generate
@@ -115,8 +116,8 @@ def test_every_account_refusal_over_http_and_the_stream(build, accounts, expecte
                             ("budget_exhausted", 1), ("rate_limited", 1), ("at_capacity", 1)):
             assert f'privlora_refusals_total{{kind="{kind}"}} {count}.0' in text, "\n".join(l for l in text.splitlines() if "refusals_total" in l)
         rows = 2 * (len(PROMPT) + len(expected) - 1)  # two answers
-        artifact = client.artifact_id[:16]
-        assert f'privlora_account_rows{{account="alice",artifact="{artifact}"}} {rows}.0' in text
+        adapter = adapter_key(build.artifact("bfv"))[:16]
+        assert f'privlora_account_rows{{account="alice",adapter="{adapter}"}} {rows}.0' in text
         assert 'privlora_account_budget_rows{account="alice"} 20000.0' in text
         assert "privlora_open_sessions 3.0" in text and "privlora_session_key_bytes" in text
         assert 'privlora_requests_total{method="FRAME",route="/v1/sessions/{session}/stream",status="200"}' in text
@@ -211,7 +212,7 @@ def test_a_generation_survives_kill_9_and_restart(build, accounts, expected):
         # Nothing charged before the crash was forgotten: the answer's rows (prompt + 5 decode steps)
         # at every site, plus the first decode step's row again at the two groups (4 sites) it had
         # reached when the server died.
-        rows = sorted(accounts.site_rows("alice", client.artifact_id).values())
+        rows = sorted(accounts.site_rows("alice", adapter_key(artifact)).values())
         answer = len(PROMPT) + len(expected) - 1
         assert rows == [answer] * 2 + [answer + 1] * 4
     finally:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import uvicorn
 
+from privlora.server.fairness import FairLimits
+from privlora.server.guard import ConnectionLimits
+from privlora.server.hosting import Hosting
 from privlora.tools.loadtest import free_port
 from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
 from privlora.client.generation import GenerationConfig, generate
 from privlora.server.accounts import AccountStore
-from privlora.server.http import KEEP_ALIVE_SECONDS, UVICORN_PROTOCOLS, BodyLimits, create_app
+from privlora.server.http import BodyLimits, create_app, server_config
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits
 
@@ -23,13 +26,13 @@ class LiveServer:
     """uvicorn serving a PrivateServer in a background thread on a loopback port."""
 
     def __init__(self, artifact, limits=BodyLimits(), session_limits=SessionLimits(),
-                 accounts: AccountStore | None = None) -> None:
+                 accounts: AccountStore | None = None, connections: ConnectionLimits = ConnectionLimits(),
+                 fair: FairLimits = FairLimits()) -> None:
         self.port = free_port()
         self.private = PrivateServer(artifact, session_limits, accounts)
-        config = uvicorn.Config(create_app(self.private, limits), host="127.0.0.1", port=self.port, **UVICORN_PROTOCOLS,
-                                log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                                ws_max_size=limits.round, ws_ping_interval=None)
-        self.server = uvicorn.Server(config)
+        self.hosting = Hosting([self.private], fair)
+        app = create_app(self.hosting, limits, connections)
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, limits, connections))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

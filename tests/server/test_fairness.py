@@ -1,0 +1,124 @@
+"""One account's load costs another a bounded factor: evaluation turns go round-robin across
+callers with a cap per caller, and a caller's requests in progress are capped before their
+bodies are read. Budgets are keyed by the adapter's content, so two builds of one adapter draw
+on one budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from privlora.client.generation import GenerationConfig, generate
+from privlora.client.secure import SecureClient
+from privlora.client.transports import TransportError
+from privlora.core.artifact import adapter_key, artifact_id
+from privlora.core.wire import RateLimitError
+from privlora.local import InProcessTransport
+from privlora.server.accounts import AccountLimits, AccountStore
+from privlora.server.fairness import FairLimits, FairQueue
+from privlora.server.hosting import Hosting
+from privlora.server.private import PrivateServer
+from privlora.server.sessions import SessionLimits
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def grant_order(queue: FairQueue, callers: list[str]) -> list[str]:
+    """Callers ask for a turn in this order while the first holds one; the order they get theirs."""
+    order, release, threads = [], threading.Event(), []
+
+    def one(caller: str, hold: bool) -> None:
+        with queue.turn(caller):
+            order.append(caller)
+            if hold:
+                release.wait(10)
+
+    for position, caller in enumerate(callers):
+        threads.append(threading.Thread(target=one, args=(caller, position == 0)))
+        threads[-1].start()
+        _wait_until(lambda: len(order) == 1 and queue.waiting() == position)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    return order
+
+
+def test_turns_go_round_robin_across_callers():
+    queue = FairQueue(FairLimits(workers=1, per_caller=1))
+    order = grant_order(queue, ["attacker"] * 5 + ["victim"])
+    assert order.index("victim") == 2  # after the turn in progress and the attacker's next one
+
+
+def test_control_without_callers_told_apart_the_victim_waits_for_everything():
+    queue = FairQueue(FairLimits(workers=1, per_caller=1))
+    order = grant_order(queue, ["everyone"] * 6)
+    assert len(order) == 6  # one caller: first come, first served, the last asker waits for all five
+
+
+def test_a_caller_holds_at_most_its_share_of_turns():
+    queue = FairQueue(FairLimits(workers=4, per_caller=1))
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def one() -> None:
+        with queue.turn("attacker"):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] == 1  # control: the same eight with per_caller=4 run up to four at once
+    queue = FairQueue(FairLimits(workers=4, per_caller=4))
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] > 1
+
+
+def test_requests_in_progress_are_capped_per_caller():
+    queue = FairQueue(FairLimits(requests=3))
+    held = [queue.request("attacker") for _ in range(3)]
+    for slot in held:
+        slot.__enter__()
+    with pytest.raises(RateLimitError, match="at most 3"):
+        with queue.request("attacker"):
+            pass
+    with queue.request("victim"):  # another caller is not refused
+        assert queue.in_progress() == 4
+    held[0].__exit__(None, None, None)
+    with queue.request("attacker"):  # room again once one is answered
+        pass
+
+
+PROMPT = [5, 6, 7, 8]
+CONFIG = GenerationConfig(max_new_tokens=4)
+
+
+def test_two_builds_of_one_adapter_draw_on_one_budget(tiny_build, tmp_path):
+    bfv, pads = tiny_build.artifact("bfv"), tiny_build.artifact("pads")
+    assert artifact_id(bfv) != artifact_id(pads) and adapter_key(bfv) == adapter_key(pads)
+    store = AccountStore(tmp_path / "accounts.db", create=True)
+    token = store.create("alice", AccountLimits(max_rows=len(PROMPT) + CONFIG.max_new_tokens - 1))  # one answer
+    hosting = Hosting([PrivateServer(bfv, SessionLimits(), store), PrivateServer(pads, SessionLimits(), store)])
+    first = SecureClient(bfv, InProcessTransport(hosting, token), cache_keys=False)
+    assert len(list(generate(first, PROMPT, CONFIG))) == CONFIG.max_new_tokens
+    second = SecureClient(pads, InProcessTransport(hosting, token), cache_keys=False)
+    with pytest.raises(TransportError) as refused:  # keyed by artifact, this would have been a fresh budget
+        list(generate(second, PROMPT, CONFIG))
+    assert refused.value.code == "budget_exhausted"
+    assert set(store.site_rows("alice", adapter_key(bfv)).values()) == {len(PROMPT) + CONFIG.max_new_tokens - 1}

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.privlora-installed
 PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-all demo clean-venv
+.PHONY: install test test-all stress demo clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The stress suite for an hour (its two tests half an hour each); make test runs it for seconds.
+STRESS_SECONDS ?= 1800
+stress: $(STAMP)
+	PRIVLORA_STRESS_SECONDS=$(STRESS_SECONDS) $(VENV)/bin/pytest -m stress -s $(PYTEST_ARGS) tests/stress
 
 demo: $(STAMP)
 	$(VENV)/bin/privlora demo --questions 2 --backend pads bfv

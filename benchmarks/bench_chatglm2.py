@@ -34,6 +34,7 @@ from privlora.client.secure import SecureClient
 from privlora.client.timings import render_timings
 from privlora.client.generation import GenerationConfig, generate
 from privlora.client.transports import HttpTransport
+from privlora.tools.machine import report_machine
 
 PAPER_SECONDS_PER_TOKEN = 1.61
 
@@ -73,6 +74,7 @@ def write_adapter(directory: Path, layers: int, rank: int = 8, seed: int = 1) ->
 
 
 def main() -> int:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--ffn", type=int, default=256)

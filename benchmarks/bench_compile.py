@@ -24,6 +24,7 @@ from privlora.compiler.lower_onnx import segment_arguments
 from privlora.compiler.pipeline import compile_graph
 from privlora.models.loading import load_model
 from privlora.local import open_local
+from privlora.tools.machine import report_machine
 
 
 def median_ms(run, repeats: int) -> float:
@@ -37,6 +38,7 @@ def median_ms(run, repeats: int) -> float:
 
 
 def main() -> None:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, default=None, help="where to compile (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=20)

@@ -24,6 +24,7 @@ import httpx
 import openai
 
 from privlora.tools.loadtest import ServerProcess, free_port
+from privlora.tools.machine import report_machine
 
 QUESTION = "What are the weekday opening hours of Larkspur Valley Clinic?"
 
@@ -55,6 +56,7 @@ def through_gateway(client: openai.OpenAI, model: str, tokens: int) -> dict[str,
 
 
 def main() -> None:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
     parser.add_argument("--tokens", type=int, default=32)

@@ -30,6 +30,7 @@ from privlora.models.loading import load_model
 from privlora.models.step import TorchStep
 from privlora.paths import DEMO_ADAPTER
 from privlora.tools.qa import load_qa
+from privlora.tools.machine import report_machine
 
 LINKS = {"loopback": (0.0, None), "20ms-100Mbit": (0.020, 100e6), "60ms-20Mbit": (0.060, 20e6)}
 
@@ -115,6 +116,7 @@ def clients(artifacts: dict[str, Path], link: str) -> list[tuple[str, str, Secur
 
 
 def main() -> None:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--links", nargs="+", default=list(LINKS), choices=list(LINKS))

@@ -14,12 +14,14 @@ import json
 from pathlib import Path
 
 from privlora.tools.loadtest import ServerProcess, run_load
+from privlora.tools.machine import report_machine
 
 CONFIGURATIONS = {"uvicorn": [], "ray, 1 replica": ["--ray", "--replicas", "1"],
                   "ray, 2 replicas": ["--ray", "--replicas", "2"]}
 
 
 def main() -> None:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
     parser.add_argument("--clients", type=int, default=4)

@@ -33,6 +33,7 @@ from privlora.client.secure import SecureClient
 from privlora.local import open_local
 from privlora.client.generation import GenerationConfig, generate
 from privlora.client.transports import HttpTransport, StreamTransport
+from privlora.tools.machine import report_machine
 
 
 class DelayedTransport(StreamTransport):
@@ -69,6 +70,7 @@ def measure(backend: str, transport: str, delay_ms: float, client: SecureClient,
 
 
 def main() -> None:
+    report_machine()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--delays", type=float, nargs="+", default=[0.0, 10.0, 20.0, 40.0], help="ms per request")

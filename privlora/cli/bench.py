@@ -30,7 +30,9 @@ def register(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from privlora.tools.bench import CASES, bench_site, render
+    from privlora.tools.machine import report_machine
 
+    machine = report_machine()
     cases = {name: CASES[name]() for name in args.site}
     results = []
     for name in args.backend:  # backend-major: concrete's runtime threads must not slow the others
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             print(render(results[-1:]).splitlines()[2], file=sys.stderr)
     print(render(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"machine": machine.to_json(), "sites": [r.to_json() for r in results]},
+                                              indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

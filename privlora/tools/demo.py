@@ -25,6 +25,7 @@ from privlora.tools.qa import load_qa, states_fact
 from privlora.client.secure import SecureClient
 from privlora.client.timings import render_timings
 from privlora.local import local_transport
+from privlora.tools.machine import report_machine
 
 ANSWER_TOKENS = 32
 PADS_PER_QUESTION = 96  # a question of the demo set and its answer fit in it
@@ -67,6 +68,7 @@ def _make_pads(backend: str, client: SecureClient, questions: int) -> float:
 def run_demo(base: str, adapter: Path, questions: int, backends: tuple[str, ...] = ("pads",)) -> None:
     """Print base, secure fine-tuned (one answer per backend, side by side) and plaintext
     fine-tuned answers to held-out questions, with where the secure time went."""
+    report_machine()
     print("Loading the base model and the demo adapter ...")
     plain = load_model(base)
     tuned = load_model(base, adapter)

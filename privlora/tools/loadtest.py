@@ -34,16 +34,17 @@ from privlora.client.generation import GenerationConfig, generate
 from privlora.client.transports import Credentials, HttpTransport, StreamTransport, TransportError
 
 
-class TimedTransport(StreamTransport):
-    """The stream transport, recording each message's latency and outcome."""
+class _Timed:
+    """A transport recording each message's latency and outcome, which a fault can cut."""
 
     def __init__(self, url: str, report: LoadReport, credentials: Credentials = Credentials()) -> None:
-        super().__init__(url, credentials)
+        super().__init__(url, credentials)  # type: ignore[call-arg]
         self.report = report
 
     def drop(self) -> None:
-        """Cut this client's connections as a network fault would: no close handshake."""
-        for stream in list(self.sockets.values()):
+        """Cut this client's streams as a network fault would: no close handshake (an HTTP
+        client's keep-alive connection is left alone; restarts cut those)."""
+        for stream in list(getattr(self, "sockets", {}).values()):
             try:
                 stream.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -52,12 +53,20 @@ class TimedTransport(StreamTransport):
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes:
         start = time.perf_counter()
         try:
-            reply = super().evaluate(session, round_name, index, message, payload)
+            reply = super().evaluate(session, round_name, index, message, payload)  # type: ignore[misc]
         except TransportError as exc:
             self.report.record(RoundRequest(session, start, time.perf_counter(), exc.status or 0))
             raise
         self.report.record(RoundRequest(session, start, time.perf_counter(), 200))
         return reply
+
+
+class TimedTransport(_Timed, StreamTransport):
+    """The stream transport, timed."""
+
+
+class TimedHttpTransport(_Timed, HttpTransport):
+    """The HTTP transport, timed."""
 
 
 @dataclass(frozen=True)
@@ -227,15 +236,28 @@ def run_load(artifact: str | Path, url: str, clients: int, tokens: int, prompt_l
     return report
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """A live process's peak resident memory (Linux ``VmHWM``), 0 when unreadable."""
+def _status_bytes(pid: int, field_name: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field_name):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A live process's peak resident memory (Linux ``VmHWM``), 0 when unreadable."""
+    return _status_bytes(pid, "VmHWM:")
+
+
+def rss_bytes(pid: int) -> int:
+    """A live process's resident memory now (Linux ``VmRSS``), 0 when unreadable."""
+    return _status_bytes(pid, "VmRSS:")
+
+
+FAULTS = ("restart", "drop")  # the soak's default faults
+STRESS_FAULTS = ("restart", "term", "drop", "evict")  # every kind
 
 
 @dataclass(frozen=True)
@@ -247,6 +269,12 @@ class SoakConfig:
     prompts: int = 8  # distinct prompts, each with its reference answer
     prompt_length: int = 8
     seed: int = 0
+    # restart: kill -9 and restart; term: SIGTERM (graceful) and restart; drop: cut every client's
+    # connections; evict: open a session for a client's account, whose quota of one evicts the
+    # client's session mid-answer (then close it)
+    faults: tuple[str, ...] = FAULTS
+    transports: tuple[str, ...] = ("stream",)  # client i uses transports[i % len]
+    keep_pads: int = 0  # pads clients make this many rows of pads between answers (racing others' answers)
 
 
 @dataclass(frozen=True)
@@ -271,7 +299,20 @@ class SoakReport:
     seconds: float = 0.0
     server_peak_rss_bytes: int = 0
     client_peak_rss_bytes: int = 0
+    server_rss: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, server start, bytes)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def rss_growth_bytes(self) -> int:
+        """How much the longest-lived server process grew from the second quarter of its life to
+        the last (medians; the first quarter is warm-up): flat memory is near zero."""
+        lives: dict[int, list[int]] = {}
+        for _, start, size in self.server_rss:
+            lives.setdefault(start, []).append(size)
+        samples = max(lives.values(), key=len, default=[])
+        if len(samples) < 8:
+            return 0
+        quarter = len(samples) // 4
+        return int(statistics.median(samples[-quarter:]) - statistics.median(samples[quarter:2 * quarter]))
 
     @property
     def completed(self) -> list[Answer]:
@@ -298,7 +339,8 @@ class SoakReport:
                  f"answer latency p50 {self.percentile(50):.2f} s, p95 {self.percentile(95):.2f} s, "
                  f"max {self.percentile(100):.2f} s",
                  f"peak memory: server {self.server_peak_rss_bytes / 1e6:.0f} MB, "
-                 f"load generator {self.client_peak_rss_bytes / 1e6:.0f} MB"]
+                 f"load generator {self.client_peak_rss_bytes / 1e6:.0f} MB; server growth over its longest life "
+                 f"{self.rss_growth_bytes() / 1e6:+.0f} MB"]
         if self.rounds is not None:
             lines.append(self.rounds.round_line())
         lines += [f"lost: client {a.client}: {a.error}" for a in self.lost]
@@ -325,47 +367,86 @@ def secure_reference(artifact: str | Path) -> Callable[[list[int], GenerationCon
     return lambda prompt, config: list(generate(client, prompt, config))
 
 
-def run_soak(artifact: str | Path, config: SoakConfig,
+def run_soak(artifact: str | Path | Sequence[str | Path], config: SoakConfig,
              reference: Callable[[list[int], GenerationConfig], list[int]], reference_name: str,
              work_dir: str | Path) -> SoakReport:
     """The clients answer prompts for ``config.duration_s`` against a server this harness owns,
-    with accounts, while it ``kill -9``s and restarts the server and cuts connections at random
-    moments. Every answer is counted: completed (and compared with the reference) or lost."""
+    with accounts, while it injects ``config.faults`` at random moments. Every answer is counted:
+    completed (and compared with the reference) or lost. With several artifacts (builds of one
+    adapter), client i uses artifact i mod their number, all on one server."""
+    from privlora.client.assistant import PadKeeper
     from privlora.server.accounts import AccountLimits, AccountStore
 
+    hosted = [artifact] if isinstance(artifact, (str, Path)) else list(artifact)
     generation = GenerationConfig(max_new_tokens=config.tokens)
-    prompts = random_prompts(artifact, config.prompts, config.prompt_length, config.seed)
+    prompts = random_prompts(hosted[0], config.prompts, config.prompt_length, config.seed)
     report = SoakReport(config, reference_name, expected=[reference(p, generation) for p in prompts],
                         rounds=LoadReport(config.clients, config.tokens))
     store = AccountStore(Path(work_dir) / "accounts.db", create=True)
-    tokens = [store.create(f"soak-{i}", AccountLimits(max_rows=None, rate=None)) for i in range(config.clients)]
-    server = ServerProcess(artifact, "--accounts", str(store.path)).start()
+    quota = 1 if "evict" in config.faults else AccountLimits().max_sessions
+    tokens = [store.create(f"soak-{i}", AccountLimits(max_rows=None, rate=None, max_sessions=quota))
+              for i in range(config.clients)]
+    server = ServerProcess(hosted, "--accounts", str(store.path)).start()
+    starts = [0]  # server processes started so far (a memory sample names the one it measured)
     transports: list[TimedTransport] = []
+    clients: dict[int, SecureClient] = {}
     end = time.monotonic() + config.duration_s
     rng = np.random.default_rng(config.seed)
 
     def client_loop(index: int) -> None:
-        transport = TimedTransport(server.url, report.rounds, Credentials(tokens[index]))
+        kind = config.transports[index % len(config.transports)]
+        transport = (TimedTransport if kind == "stream" else TimedHttpTransport)(server.url, report.rounds,
+                                                                                  Credentials(tokens[index]))
         with report.lock:
             transports.append(transport)
         order = np.random.default_rng(config.seed + 1 + index)
-        client = None
+        client, keeper = None, None
         while time.monotonic() < end:
             prompt = int(order.integers(len(prompts)))
             start = time.perf_counter()
             try:
-                client = client or connect(artifact, transport)
+                if client is None:
+                    client = connect(hosted[index % len(hosted)], transport)
+                    keeper = PadKeeper(client, config.keep_pads)
+                    with report.lock:
+                        clients[index] = client
+                keeper.pause()  # pads made between answers, never during one
                 produced = list(generate(client, prompts[prompt], generation))
+                keeper.start()
                 answer = Answer(index, prompt, time.perf_counter() - start, produced)
             except Exception as exc:  # counted as lost, never hidden
                 answer = Answer(index, prompt, time.perf_counter() - start, None, f"{type(exc).__name__}: {exc}")
             with report.lock:
                 report.answers.append(answer)
         if client is not None:
+            keeper.pause()
             with report.lock:
                 report.steps_redone += client.recoveries
                 report.sessions_reopened += client.sessions_opened - 1
             client.close()
+
+    def restart(graceful: bool) -> None:
+        report.server_peak_rss_bytes = max(report.server_peak_rss_bytes, peak_rss_bytes(server.process.pid))
+        if graceful:
+            server.stop()
+        else:
+            server.kill()
+        server.start(ready=False)
+        starts[0] += 1
+
+    def evict() -> None:
+        with report.lock:
+            victims = list(clients.items())
+        if not victims:
+            return
+        index, client = victims[int(rng.integers(len(victims)))]
+        intruder = HttpTransport(server.url, Credentials(tokens[index]))
+        try:  # the account's quota is one session: this one evicts the client's
+            intruder.close_session(intruder.open_session(client.evaluation_keys, client.artifact_id))
+        except TransportError:
+            pass  # the server is restarting: no eviction this time
+        finally:
+            intruder.client.close()
 
     def faults() -> None:
         while True:
@@ -373,25 +454,32 @@ def run_soak(artifact: str | Path, config: SoakConfig,
             if time.monotonic() + pause >= end:
                 return
             time.sleep(pause)
-            if rng.random() < 0.5:
-                report.server_peak_rss_bytes = max(report.server_peak_rss_bytes, peak_rss_bytes(server.process.pid))
-                server.kill()
-                server.start(ready=False)
-                report.faults["restart"] += 1
-            else:
+            kind = config.faults[int(rng.integers(len(config.faults)))]
+            if kind in ("restart", "term"):
+                restart(graceful=kind == "term")
+            elif kind == "drop":
                 with report.lock:
                     for transport in transports:
                         transport.drop()
-                report.faults["drop"] += 1
+            else:
+                evict()
+            report.faults[kind] += 1
+
+    def sample_memory() -> None:
+        while time.monotonic() < end:
+            report.server_rss.append((time.monotonic(), starts[0], rss_bytes(server.process.pid)))
+            time.sleep(0.5)
 
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(config.clients + 1) as pool:
-            futures = [pool.submit(client_loop, i) for i in range(config.clients)] + [pool.submit(faults)]
+        with ThreadPoolExecutor(config.clients + 2) as pool:
+            futures = [pool.submit(client_loop, i) for i in range(config.clients)]
+            futures += [pool.submit(faults), pool.submit(sample_memory)]
             for future in futures:
                 future.result()
         report.seconds = time.perf_counter() - started
         report.server_peak_rss_bytes = max(report.server_peak_rss_bytes, peak_rss_bytes(server.process.pid))
+        server.wait_ready(timeout=30)  # still alive at the end: a server that died is a crash, not a fault
     finally:
         server.stop()
     report.client_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

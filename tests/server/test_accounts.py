@@ -177,3 +177,23 @@ def test_an_in_flight_charge_survives_a_connection_from_another_process(store, t
     assert done.wait(5)
     reader.rollback()
     assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_schema_1_database_keeps_its_use_under_the_adapter_key(tmp_path):
+    """Schema 1 counted use per artifact id: opened by this version, its use moves to the adapter's
+    key as soon as a server hosting that artifact adopts it, added to what the adapter had."""
+    path = tmp_path / "old.db"
+    store = AccountStore(path, create=True)
+    alice = store.authenticate(store.create("alice", AccountLimits(max_rows=10)))
+    store.close()
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE usage RENAME COLUMN adapter TO artifact; PRAGMA user_version = 1;")
+    db.execute("INSERT INTO usage VALUES ('alice', 'artifact-id', 'q', 7)")
+    db.commit()
+    db.close()
+    reopened = AccountStore(path)
+    reopened.charge(alice, "adapter-key", ["q"], 2)
+    reopened.adopt("artifact-id", "adapter-key")
+    assert reopened.site_rows("alice", "adapter-key") == {"q": 9} and reopened.site_rows("alice", "artifact-id") == {}
+    with pytest.raises(BudgetError, match="used 9 of its 10"):
+        reopened.charge(alice, "adapter-key", ["q"], 2)

@@ -5,6 +5,7 @@ docs/security.md records a longer one)."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -37,8 +38,8 @@ def test_no_answer_is_lost_or_wrong_under_restarts_and_dropped_connections(tiny_
                          capture_output=True, text=True, timeout=300)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    faults = re.search(r"faults \{'restart': (\d+), 'drop': (\d+)\}", run.stdout)
-    assert faults and int(faults[1]) >= 1 and int(faults[2]) >= 1  # both kinds happened (seed 0)
+    faults = re.search(r"faults (\{.*?\})", run.stdout)
+    assert faults and all(ast.literal_eval(faults[1]).get(kind, 0) >= 1 for kind in ("restart", "drop"))  # seed 0
     answers = re.search(r"answers: (\d+) completed, (\d+) lost, (\d+) differing from plaintext; (\d+) steps redone",
                         run.stdout)
     assert answers and int(answers[1]) >= 4 and answers[2] == "0" and answers[3] == "0" and int(answers[4]) >= 1

@@ -2,7 +2,7 @@
 SmolLM2 + the demo adapter (bfv). Prints the victim's prefill and decode time alone and under the
 heaviest legal load one account can generate, and the server's memory after each attack.
 
-The victim (its own account) answers the demo's first question, 16 tokens, over the stream. The
+The victim (its own account) answers the demo's first question (16 tokens) over the stream. The
 attacker is another account without a budget (an operator may create one), in its own process so
 that its client work shares the cores as a real one would: 4 sessions; 8 threads sending
 1000-row message 0s without pause; 2 threads sending 8192-row message 0s; 50 idle streams; 4 slow
@@ -22,13 +22,14 @@ import socket
 import tempfile
 import threading
 import time
-from multiprocessing import Process
+import multiprocessing
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from privlora.backends.bfv import _HEADER
+from privlora.backends.bfv_layout import message_layout
 from privlora.backends.common import frame, unframe
 from privlora.client.assistant import Assistant
 from privlora.client.generation import GenerationConfig, generate
@@ -39,7 +40,6 @@ from privlora.tools.loadtest import ServerProcess, rss_bytes
 from privlora.tools.machine import report_machine
 from privlora.tools.qa import load_qa
 
-TOKENS = 16
 
 
 def round_url(url: str, session: str, group, message: int) -> str:
@@ -51,10 +51,10 @@ def message_zero(client: SecureClient, group, rows: int) -> bytes:
     return payload
 
 
-def victim_run(artifact: str, url: str, token: str, prompt: list[int]) -> tuple[float, float]:
+def victim_run(artifact: str, url: str, token: str, prompt: list[int], tokens: int) -> tuple[float, float]:
     """Prefill seconds and decode seconds per token of one answer."""
     client = SecureClient(artifact, StreamTransport(url, Credentials(token)), cache_keys=False)
-    list(generate(client, prompt, GenerationConfig(max_new_tokens=TOKENS)))
+    list(generate(client, prompt, GenerationConfig(max_new_tokens=tokens)))
     prefill = client.steps[0].total_s
     decode = sum(step.total_s for step in client.steps[1:]) / max(len(client.steps) - 1, 1)
     client.close()
@@ -108,6 +108,13 @@ def attacker(artifact: str, url: str, token: str, stop_after: float) -> None:
         thread.join()
 
 
+def wait_until_idle(url: str, admin: str) -> None:
+    """Until the attacker's requests still in progress (its process is gone) are answered."""
+    while httpx.get(f"{url}/v1/health", headers={"authorization": f"Bearer {admin}"},
+                    timeout=60).json()["requests_in_progress"]:
+        time.sleep(1)
+
+
 def refused_attacks(artifact: str, server: ServerProcess, token: str) -> list[tuple[str, str]]:
     """The attacks that must cost nothing, one at a time; the server's RSS after each."""
     url, auth = server.url, {"authorization": f"Bearer {token}"}
@@ -121,7 +128,8 @@ def refused_attacks(artifact: str, server: ServerProcess, token: str) -> list[tu
         results.append((label, f"{rss_bytes(server.process.pid) / 1e6:.0f} MB"))
         print(f"  {label}: {results[-1][1]}", flush=True)
 
-    forged = frame([_HEADER.pack(65536, 99), *[template] * 64])  # a message 1 of an exchange that never began
+    count = message_layout(group, 1, 65536, client.crypto.bfv.poly_modulus_degree).input_ciphertexts
+    forged = frame([_HEADER.pack(65536, 99), *[template] * count])  # a message 1 of an exchange that never began
     statuses = [httpx.post(round_url(url, client.session, group, 1), content=forged, headers=auth, timeout=120).status_code
                 for _ in range(20)]
     rss(f"20 message 1s of 65 536 rows without a message 0 ({len(forged) / 1e6:.0f} MB each; status {set(statuses)})")
@@ -154,26 +162,30 @@ def main() -> None:
     report_machine()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
+    parser.add_argument("--tokens", type=int, default=16, help="the victim's answer length")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         store = AccountStore(Path(work) / "accounts.db", create=True)
         victim = store.create("victim")
         attacker_token = store.create("attacker", AccountLimits(max_rows=None, rate=None))
+        prober = store.create("prober", AccountLimits(max_rows=None, rate=None))
+        operator = store.create("operator", admin=True)
         server = ServerProcess(args.artifact, "--accounts", str(store.path)).start()
         try:
             prompt = Assistant(args.artifact).encode(load_qa(split="heldout")[0].question)
-            alone = victim_run(args.artifact, server.url, victim, prompt)
+            alone = victim_run(args.artifact, server.url, victim, prompt, args.tokens)
             print(f"victim alone: prefill {alone[0]:.2f} s, decode {alone[1]:.2f} s/token", flush=True)
-            load = Process(target=attacker, args=(args.artifact, server.url, attacker_token, 600.0), daemon=True)
+            load = multiprocessing.get_context("spawn").Process(target=attacker, args=(args.artifact, server.url, attacker_token, 600.0), daemon=True)
             load.start()
-            time.sleep(60)  # the attacker's sessions, payloads and load under way
-            under = victim_run(args.artifact, server.url, victim, prompt)
+            time.sleep(45)  # the attacker's sessions, payloads and load under way
+            under = victim_run(args.artifact, server.url, victim, prompt, args.tokens)
             load.terminate()
+            wait_until_idle(server.url, operator)
             print(f"victim under attack: prefill {under[0]:.2f} s ({under[0] / alone[0]:.1f}x), "
                   f"decode {under[1]:.2f} s/token ({under[1] / alone[1]:.1f}x); server RSS "
                   f"{rss_bytes(server.process.pid) / 1e6:.0f} MB", flush=True)
             print("server memory after each attack:")
-            refused_attacks(args.artifact, server, attacker_token)
+            refused_attacks(args.artifact, server, prober)
         finally:
             server.stop()
 

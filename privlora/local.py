@@ -52,8 +52,9 @@ class InProcessTransport:
 
 
 def local_transport(artifact: str | Path) -> InProcessTransport:
-    """An in-process server of ``artifact`` for its own user: no accounts, no budget, no rate limit."""
-    return InProcessTransport(PrivateServer(artifact, LOCAL))
+    """An in-process server of ``artifact`` for its own user: no accounts, no budget, no rate
+    limit, and no background work competing with the client for the same cores."""
+    return InProcessTransport(PrivateServer(artifact, LOCAL, idle_work=False))
 
 
 def open_local(artifact: str | Path, cache_keys: bool = False) -> SecureClient:

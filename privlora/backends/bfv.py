@@ -51,6 +51,7 @@ import numpy as np
 from tenseal import sealapi
 
 from privlora.backends import seal
+from privlora.core.turns import pause_point
 from privlora.backends.seal import IdleFiller, ZeroPool
 from privlora.backends.bfv_layout import Layout, message_layout
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
@@ -327,7 +328,10 @@ class Server:
                                f"got {len(blobs) - 1}")
         if session is not None:
             self._check_state(group, message, rows, exchange, session)
-        inputs = [self._load_input(blob) for blob in blobs[1:]]
+        inputs = []
+        for blob in blobs[1:]:
+            inputs.append(self._load_input(blob))
+            pause_point()
         return Request(message, rows if message == 0 else 0, Payload(layout, exchange, inputs))
 
     def _check_state(self, group: GroupSpec, message: int, rows: int, exchange: int, session: Session) -> None:
@@ -354,7 +358,7 @@ class Server:
                 return kept[0]
         matrix = self.matrices[group.key][message]
         polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
-        encoded = [[self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in row] for row in polys]
+        encoded = [self._encode_row(row) for row in polys]
         size = self._plaintext_bytes * sum(plain is not None for row in encoded for plain in row)
         if size <= self.encoded_budget:
             with self._encoded_lock:
@@ -362,6 +366,11 @@ class Server:
                 while sum(kept_size for _, kept_size in self._encoded.values()) > self.encoded_budget:
                     self._encoded.popitem(last=False)
         return encoded
+
+    def _encode_row(self, polys: np.ndarray) -> list[sealapi.Plaintext | None]:
+        row = [self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in polys]
+        pause_point()  # a large shape's encoding is long: another caller may take the turn here
+        return row
 
     def _ntt(self, plain: sealapi.Plaintext) -> sealapi.Plaintext:
         self.evaluator.transform_to_ntt_inplace(plain, self.first)
@@ -391,6 +400,7 @@ class Server:
                 else:
                     self.evaluator.transform_from_ntt_inplace(total)
                 yield total
+                pause_point()  # between output blocks, another caller may take the server's turn
 
     def _uniform(self, layout: Layout) -> np.ndarray:
         size = layout.output_ciphertexts * layout.degree

@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from privlora.core.turns import pausing
 from privlora.core.wire import RateLimitError
 
 
 @dataclass(frozen=True)
 class FairLimits:
-    workers: int = 2  # evaluations at once, all callers together
+    workers: int = 1  # evaluations at once, all callers together (SEAL holds the GIL: one is what runs)
     per_caller: int = 1  # evaluations at once of one caller
     requests: int = 8  # requests one caller may have in progress; more are refused (429)
 
@@ -58,20 +59,39 @@ class FairQueue:
     @contextmanager
     def turn(self, caller: str) -> Iterator[None]:
         """Wait for an evaluation turn (the caller's oldest request first, callers in turn), then
-        hold it for the block."""
-        ticket = next(self._tickets)
+        hold it for the block; at each of the work's pause points (``core/turns.py``) the turn goes
+        to another caller that is waiting, and comes back in its turn."""
+        self._wait(caller, next(self._tickets), first=False)
+        try:
+            with pausing(lambda: self._pause(caller)):
+                yield
+        finally:
+            self._release(caller)
+
+    def _wait(self, caller: str, ticket: int, first: bool) -> None:
         with self._cond:
-            self._waiting.setdefault(caller, deque()).append(ticket)
+            tickets = self._waiting.setdefault(caller, deque())
+            if first:
+                tickets.appendleft(ticket)  # a paused request resumes before its caller's later ones
+            else:
+                tickets.append(ticket)
             self._cond.wait_for(lambda: self._next() == (caller, ticket))
             self._grant(caller)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running[caller] -= 1
-                if not self._running[caller]:
-                    del self._running[caller]
-                self._cond.notify_all()
+
+    def _release(self, caller: str) -> None:
+        with self._cond:
+            self._running[caller] -= 1
+            if not self._running[caller]:
+                del self._running[caller]
+            self._cond.notify_all()
+
+    def _pause(self, caller: str) -> None:
+        """Hand the turn over if another caller waits for one, and wait for it to come back."""
+        with self._cond:
+            if not any(other != caller for other in self._waiting):
+                return
+        self._release(caller)
+        self._wait(caller, next(self._tickets), first=True)
 
     def _next(self) -> tuple[str, int] | None:
         """The caller and ticket whose turn comes next, if a turn is free."""

@@ -68,6 +68,7 @@ class BodyLimits:
 # default of 5 s would close its connection under load (seen as "connection reset" in CI).
 KEEP_ALIVE_SECONDS = 120
 SHUTDOWN_GRACE_SECONDS = 60.0  # the longest a SIGTERM waits for in-flight work
+SWITCH_INTERVAL_SECONDS = 0.001  # Python's default is 0.005
 # The same protocol implementations whichever extras are installed (Ray Serve's uvicorn[standard]
 # brings httptools and uvloop), so that behaviour and figures do not depend on the install role.
 UVICORN_PROTOCOLS: dict[str, str] = {"http": "h11", "loop": "asyncio", "ws": "websockets"}
@@ -378,4 +379,7 @@ def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_l
     else:
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
     app = create_app(hosting)
+    # Evaluations hold the GIL (SEAL's bindings never release it); the event loop, which reads every
+    # caller's requests and writes every reply, waits a switch interval each time it needs it back.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run()

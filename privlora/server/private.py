@@ -38,11 +38,15 @@ from privlora.server.sessions import Session, SessionLimits, SessionTable, Token
 log = logging.getLogger("privlora.server")
 
 SESSION_PREFIX = 12  # hex digits of the artifact id that start each of its session ids
+NO_IDLE_WORK = {"zero_pool": 0}  # the backend parameters that turn background work off
 
 
 class PrivateServer:
     def __init__(self, artifact: str | Path, limits: SessionLimits = SessionLimits(),
-                 accounts: AccountStore | None = None) -> None:
+                 accounts: AccountStore | None = None, idle_work: bool = True) -> None:
+        """``idle_work`` False: no background work between requests (bfv's pool of encryptions of
+        zero). In process with its own client, the server's idle time is the client's working time,
+        and a thread filling the pool then slows the client's public segments (docs/benchmarks.md)."""
         bundle = load_bundle(artifact, SERVER)
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
@@ -51,8 +55,9 @@ class PrivateServer:
         self.session_prefix = self.artifact_id[:SESSION_PREFIX] + "."  # a hosting server routes sessions by it
         self.backend_name = manifest["backend"]["name"]
         self.groups: dict[tuple[str, int], GroupSpec] = {(g.round, g.index): g for g in groups_from_rounds(manifest["rounds"])}
+        parameters = {**manifest["backend"]["parameters"], **({} if idle_work else NO_IDLE_WORK)}
         self.backend = backends.load(self.backend_name).Server(read_server_program(bundle), list(self.groups.values()),
-                                                               manifest["backend"]["parameters"])
+                                                               parameters)
         self.limits = limits
         self.accounts = accounts
         if accounts is not None:

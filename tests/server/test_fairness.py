@@ -122,3 +122,55 @@ def test_two_builds_of_one_adapter_draw_on_one_budget(tiny_build, tmp_path):
         list(generate(second, PROMPT, CONFIG))
     assert refused.value.code == "budget_exhausted"
     assert set(store.site_rows("alice", adapter_key(bfv)).values()) == {len(PROMPT) + CONFIG.max_new_tokens - 1}
+
+
+def test_an_in_process_server_does_no_background_work_beside_its_own_client(tiny_build):
+    """In process, the server's idle time is its client's working time: no thread fills bfv's pool
+    of encryptions of zero there (it slowed the client's public segments by half)."""
+    from privlora.local import local_transport
+
+    artifact = tiny_build.artifact("bfv")
+    local = local_transport(artifact)
+    list(generate(SecureClient(artifact, local, cache_keys=False), PROMPT, CONFIG))
+    assert local.hosting.first.backend.filler.thread is None
+    served = PrivateServer(artifact, SessionLimits())  # control: a served artifact fills its pool when idle
+    SecureClient(artifact, InProcessTransport(served), cache_keys=False)
+    assert served.backend.filler.thread is not None and served.backend.filler.thread.is_alive()
+
+
+def _long_turn_and_a_victim(pauses: bool) -> tuple[int, int]:
+    """An attacker's turn of 50 units of work (with or without pause points between them) and a
+    victim asking for a turn once the attacker has begun: the units done before the victim got in."""
+    from privlora.core.turns import pause_point
+
+    queue = FairQueue(FairLimits(workers=1, per_caller=1))
+    done, started, got_in = [0], threading.Event(), []
+
+    def attacker() -> None:
+        with queue.turn("attacker"):
+            started.set()
+            for _ in range(50):
+                time.sleep(0.005)
+                done[0] += 1
+                if pauses:
+                    pause_point()
+
+    def victim() -> None:
+        with queue.turn("victim"):
+            got_in.append(done[0])
+
+    first = threading.Thread(target=attacker)
+    first.start()
+    started.wait(10)
+    second = threading.Thread(target=victim)
+    second.start()
+    first.join(10)
+    second.join(10)
+    return got_in[0], done[0]
+
+
+def test_a_long_evaluation_hands_its_turn_over_at_its_pause_points():
+    got_in, total = _long_turn_and_a_victim(pauses=True)
+    assert got_in < total // 2  # the victim ran long before the attacker's work ended
+    got_in, total = _long_turn_and_a_victim(pauses=False)  # control: no pause points, the victim waits it out
+    assert got_in == total

@@ -1,6 +1,7 @@
 """Load over loopback: K concurrent clients with their own keys, every request answered or
 cleanly refused, none lost, every finished client's tokens equal to the plaintext fine-tuned
-model's, and sessions really served at once; figures printed (the larger run is `privlora loadtest`)."""
+model's, the clients really at once and the server taking their sessions in turn (one
+evaluation at a time: server/fairness.py); figures printed (the larger run is `privlora loadtest`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ Interval = tuple[str, float, float]  # session, start, end
 def sessions_overlap(intervals: list[Interval]) -> bool:
     """Were two intervals of different sessions under way at the same moment?"""
     return any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a, b in itertools.combinations(intervals, 2))
+
+
+def turns_taken(intervals: list[Interval]) -> int:
+    """How often the server went from one session's evaluation to another's, in the order it ran them."""
+    order = [session for session, *_ in sorted(intervals, key=lambda interval: interval[1])]
+    return sum(a != b for a, b in zip(order, order[1:]))
 
 
 def client_intervals(report: LoadReport) -> list[Interval]:
@@ -48,10 +55,11 @@ def test_concurrent_clients_are_all_served_at_once_and_correctly(tiny_build, cap
     config = GenerationConfig(max_new_tokens=report.tokens)
     expected = plaintext_tokens(tiny_build.base, tiny_build.adapter, prompts, config)
     assert [tokens for _, tokens in report.generated] == expected
-    # the clients ran at once, and the server evaluated requests of different sessions at once
+    # the clients ran at once, and the server took their sessions in turn: it switched sessions at
+    # least every other evaluation (served one client after another, it would switch 3 times)
     assert sessions_overlap(client_intervals(report))
     served = server_intervals(caplog.records)
-    assert len(served) == 4 * rounds_per_client and sessions_overlap(served)
+    assert len(served) == 4 * rounds_per_client and turns_taken(served) >= len(served) // 2
 
 
 def test_over_capacity_clients_are_refused_cleanly_not_lost(tiny_build):

@@ -288,6 +288,7 @@ class Server:
         self._encoded: collections.OrderedDict[tuple[str, int, int, int], tuple[Encoded, int]] = \
             collections.OrderedDict()
         self._encoded_lock = threading.Lock()
+        self._encoded_total = 0
         self.encoded_budget = ENCODED_BYTES
         self._plaintext_bytes = 8 * self.bfv.poly_modulus_degree * (len(self.bfv.coeff_bits) - 1)  # NTT form
 
@@ -295,7 +296,7 @@ class Server:
     def encoded_bytes(self) -> int:
         """Bytes of encoded weights kept now (never above ``encoded_budget``)."""
         with self._encoded_lock:
-            return sum(size for _, size in self._encoded.values())
+            return self._encoded_total
 
     def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
@@ -362,9 +363,11 @@ class Server:
         size = self._plaintext_bytes * sum(plain is not None for row in encoded for plain in row)
         if size <= self.encoded_budget:
             with self._encoded_lock:
-                self._encoded[key] = (encoded, size)
-                while sum(kept_size for _, kept_size in self._encoded.values()) > self.encoded_budget:
-                    self._encoded.popitem(last=False)
+                if key not in self._encoded:  # two requests may encode one shape at once: keep one copy
+                    self._encoded[key] = (encoded, size)
+                    self._encoded_total += size
+                while self._encoded_total > self.encoded_budget:
+                    self._encoded_total -= self._encoded.popitem(last=False)[1][1]
         return encoded
 
     def _encode_row(self, polys: np.ndarray) -> list[sealapi.Plaintext | None]:

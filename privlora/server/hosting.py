@@ -85,8 +85,9 @@ class Hosting:
 
     def check_round(self, account: Account | None, session_id: str, round_name: str, index: int, message: int) -> None:
         """Refuse a message to an unknown session, group or message before its body is read."""
-        self.check_session(account, session_id)
-        self.session(session_id).group(round_name, index, message)
+        server = self.session(session_id)
+        server.check_session(session_id, account)
+        server.group(round_name, index, message)
 
     def caller(self, account: Account | None, session_id: str) -> str:
         """Whose fair share a request draws on: its account's, or without accounts its session's."""

@@ -3,7 +3,8 @@
 Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"error": ...,
 "code": ...}``, the codes in ``core/wire.py``):
 
-- ``GET  /v1/health``: artifact id, backend, open sessions (never needs a token);
+- ``GET  /v1/health``: artifact id, backend, open sessions (never needs a token; with accounts a
+  caller without a valid token sees only that the server is up, see ``Hosting.health``);
 - ``GET  /metrics``: Prometheus metrics (with accounts: an admin account's token);
 - ``POST /v1/sessions``: body = the client's evaluation keys -> ``{"session": id}``;
 - ``DELETE /v1/sessions/{id}``;
@@ -13,13 +14,14 @@ Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"
 - ``WS /v1/sessions/{id}/stream``: the same messages on one persistent WebSocket, a binary frame
   each way (round, group and message in a small header; the reply frame starts with the status).
 
-With an accounts database every route but health takes ``Authorization: Bearer <token>``
-(the stream: on its handshake, checked again for every frame, so a revocation cuts it).
+With an accounts database every route but health takes ``Authorization: Bearer <token>``,
+checked before a body is read (the stream: on its handshake, checked again for every frame, so a
+revocation cuts it).
 
 Status codes: 400 malformed ciphertext or keys, 401 no or unknown token, 403 token revoked or
 query budget used up, 404 unknown or expired session, round or message, 409 a message out of
-order or replayed, 413 body too large, 429 rate limit (with ``Retry-After``), 503 no room for
-another session, or shutting down.
+order or replayed, 413 body too large, 429 rate limit or too many requests in progress (with
+``Retry-After``), 431 headers too large, 503 no room for another session, or shutting down.
 
 Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
 several sessions are served at once. A bad request gets a 4xx and changes nothing. On SIGTERM

@@ -122,10 +122,11 @@ class Preprocessing(Protocol):
 class BackendServer(Protocol):
     messages: int  # message indices it accepts per group (online and offline)
     replicable: bool  # all its session state is the keys and the PendingStore: Ray replicas may share it
+    fingerprints: bool  # open_session takes an account's Fingerprint (bfv, pads): see server/fingerprints.py
 
     def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Any:
         """The per-client state (keys; one-time masks in ``pending``, a new dict when None);
-        PayloadError on bad keys."""
+        PayloadError on bad keys. A backend with ``fingerprints`` also takes ``fingerprint=``."""
 
     def parse(self, group: GroupSpec, message: int, payload: bytes, session: Any = None) -> Request:
         """Validate and parse a request; PayloadError when malformed. With the session, what its

@@ -57,8 +57,8 @@ from privlora.backends.bfv_layout import Layout, message_layout
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
                                     Weights)
 from privlora.backends.common import block_diagonal, check_message, delta_of, frame, rows_of, unframe
-from privlora.backends.pll import (PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input,
-                                   pll_params, quantize_group)
+from privlora.backends.pll import (Fingerprint, PLLError, PLLParams, SystemRandom, decode, discrete_gaussian, encode_input,
+                                   mark_offset, pll_params, quantize_group)
 
 NAME = "bfv"
 MESSAGES = 2
@@ -178,6 +178,26 @@ class Client:
         self.keygen.create_public_key(public)
         return frame([seal.to_bytes(public)])
 
+    def marked_b(self, fingerprint: Fingerprint) -> dict[str, np.ndarray]:
+        """Every group's B_hat with the fingerprint's marks added, site by site (its diagonal blocks)."""
+        marked = {}
+        for key, group in self.group_specs.items():
+            a_hat, b_hat = self.matrices[key]
+            b_marked, row, column = b_hat.copy(), 0, 0
+            for site in group.sites:
+                rows, columns = slice(row, row + site.d_out), slice(column, column + site.rank)
+                mark = fingerprint.marks.get(site.module)
+                if mark is not None:
+                    b_marked[rows, columns] += mark_offset(a_hat[columns], b_hat[rows, columns], mark,
+                                                           fingerprint.strength, self.pll, self.modulus)
+                row, column = row + site.d_out, column + site.rank
+            marked[key] = b_marked
+        return marked
+
+    def _b(self, group: GroupSpec, session: Session) -> np.ndarray:
+        """B_hat as this session's account is served it."""
+        return session.marked.get(group.key, self.matrices[group.key][1])
+
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 
@@ -232,6 +252,8 @@ class Session:
 
     zeros: ZeroPool
     pending: PendingStore = field(default_factory=dict)  # (group, exchange) -> (rows, mask)
+    fingerprint: str = ""  # the tag of the account's marks ("" for none)
+    marked: dict[str, np.ndarray] = field(default_factory=dict)  # group key -> this session's B_hat, when marked
     waiting: dict[str, collections.deque] = field(default_factory=dict)  # each group's exchanges, oldest first
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -269,6 +291,7 @@ def _out_of_order(key: str) -> MessageOrderError:
 class Server:
     messages = MESSAGES
     replicable = True
+    fingerprints = True
     max_rows = MAX_ROWS  # rows one request may declare, refused before any ciphertext is read
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
@@ -280,12 +303,13 @@ class Server:
         self.first, self.last = self.ctx.first_parms_id(), self.ctx.last_parms_id()
         self.matrices = {g.key: (tensors[f"{g.key}.a_hat"].astype(np.int64), tensors[f"{g.key}.b_hat"].astype(np.int64))
                          for g in groups}
+        self.group_specs = {g.key: g for g in groups}
         self.rng = SystemRandom()
         self.zero_pool = int(params.get("zero_pool", ZERO_POOL))
         self.filler = IdleFiller()
         # Encoded weights per (group, message, block shape) with their bytes, least recently used
         # first out: a client choosing unusual row counts cannot make the server keep every copy.
-        self._encoded: collections.OrderedDict[tuple[str, int, int, int], tuple[Encoded, int]] = \
+        self._encoded: collections.OrderedDict[tuple[str, int, int, int, str], tuple[Encoded, int]] = \
             collections.OrderedDict()
         self._encoded_lock = threading.Lock()
         self._encoded_total = 0
@@ -298,14 +322,37 @@ class Server:
         with self._encoded_lock:
             return self._encoded_total
 
-    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None,
+                     fingerprint: Fingerprint | None = None) -> Session:
         (public_bytes,) = unframe(evaluation_keys, 1)
         public = seal.from_bytes(sealapi.PublicKey, self.ctx, public_bytes, "public key")
         session = Session(ZeroPool(sealapi.Encryptor(self.ctx, public), self.first, self.zero_pool),
                           {} if pending is None else pending)
+        if fingerprint is not None:
+            session.fingerprint, session.marked = fingerprint.tag, self.marked_b(fingerprint)
         if self.zero_pool:
             self.filler.add(session)
         return session
+
+    def marked_b(self, fingerprint: Fingerprint) -> dict[str, np.ndarray]:
+        """Every group's B_hat with the fingerprint's marks added, site by site (its diagonal blocks)."""
+        marked = {}
+        for key, group in self.group_specs.items():
+            a_hat, b_hat = self.matrices[key]
+            b_marked, row, column = b_hat.copy(), 0, 0
+            for site in group.sites:
+                rows, columns = slice(row, row + site.d_out), slice(column, column + site.rank)
+                mark = fingerprint.marks.get(site.module)
+                if mark is not None:
+                    b_marked[rows, columns] += mark_offset(a_hat[columns], b_hat[rows, columns], mark,
+                                                           fingerprint.strength, self.pll, self.modulus)
+                row, column = row + site.d_out, column + site.rank
+            marked[key] = b_marked
+        return marked
+
+    def _b(self, group: GroupSpec, session: Session) -> np.ndarray:
+        """B_hat as this session's account is served it."""
+        return session.marked.get(group.key, self.matrices[group.key][1])
 
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
@@ -347,17 +394,18 @@ class Server:
             raise PayloadError("input ciphertext has the wrong size, level or form")
         return ct
 
-    def _weights(self, group: GroupSpec, message: int, layout: Layout) -> Encoded:
-        """The weight polynomials of A_hat (message 0) or B_hat (message 1) for this block shape,
-        in NTT form (None for an all-zero block, such as the off-diagonal blocks of a fused
-        group's B), encoded once per shape and kept."""
-        key = (group.key, message, layout.db, layout.ob)
+    def _weights(self, group: GroupSpec, message: int, layout: Layout, session: Session) -> Encoded:
+        """The weight polynomials of A_hat (message 0) or B_hat (message 1, as the session's
+        account is served it) for this block shape, in NTT form (None for an all-zero block, such
+        as the off-diagonal blocks of a fused group's B), encoded once per shape and kept."""
+        marked = session.fingerprint if message == 1 else ""
+        key = (group.key, message, layout.db, layout.ob, marked)
         with self._encoded_lock:
             kept = self._encoded.get(key)
             if kept is not None:
                 self._encoded.move_to_end(key)
                 return kept[0]
-        matrix = self.matrices[group.key][message]
+        matrix = self._b(group, session) if message == 1 else self.matrices[group.key][0]
         polys = layout.weights(np.mod(matrix, self.modulus).astype(np.uint64))
         encoded = [self._encode_row(row) for row in polys]
         size = self._plaintext_bytes * sum(plain is not None for row in encoded for plain in row)
@@ -428,13 +476,13 @@ class Server:
             session.keep(group.key, exchange, layout.rows, layout.gather(fill[..., layout.outputs]))
             added = fill
         else:
-            _, b_hat = self.matrices[group.key]
+            b_hat = self._b(group, session)
             error = discrete_gaussian(self.rng, self.pll.sigma, self.pll.error_bound, layout.rows * layout.d_out)
             correction = error.reshape(layout.rows, layout.d_out) - (mask.astype(np.int64) @ b_hat.T)
             if shift is not None:
                 correction = correction + shift.astype(np.int64)
             added = layout.scatter(np.mod(correction, self.modulus).astype(np.uint64), fill)
-        sums = self._products(layout, inputs, self._weights(group, request.message, layout), session)
+        sums = self._products(layout, inputs, self._weights(group, request.message, layout, session), session)
         return frame([self._finish(total, poly, session) for total, poly in zip(sums, added.reshape(-1, layout.degree))])
 
     def _finish(self, total: sealapi.Ciphertext, added: np.ndarray, session: Session) -> bytes:

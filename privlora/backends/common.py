@@ -19,6 +19,7 @@ class OneMessage:
 
     messages = 1
     replicable = True
+    fingerprints = False
 
     def offline_seconds(self, session: Any) -> float:
         return 0.0

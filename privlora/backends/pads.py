@@ -41,7 +41,7 @@ from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, 
                                     Weights)
 from privlora.backends.common import check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.exchange import ExchangeCost
-from privlora.backends.pll import PLLError, decode, encode_input
+from privlora.backends.pll import Fingerprint, PLLError, decode, encode_input
 
 NAME = "pads"
 ONLINE, OFFLINE_MASK, OFFLINE_FINISH = 0, 1, 2
@@ -178,6 +178,7 @@ class Ledger:
 class Session:
     crypto: bfv.Session  # the offline exchange's keys, zeros and pending masks
     ledger: Ledger
+    marked: dict[str, np.ndarray] = field(default_factory=dict)  # group key -> B_hat^T as uint64, when marked
 
 
 class Server(bfv.Server):
@@ -192,8 +193,11 @@ class Server(bfv.Server):
         self.online = {key: (a.astype(np.uint64).T.copy(), b.astype(np.uint64).T.copy())
                        for key, (a, b) in self.matrices.items()}
 
-    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None) -> Session:
-        return Session(super().open_session(evaluation_keys, pending), Ledger())
+    def open_session(self, evaluation_keys: bytes, pending: PendingStore | None = None,
+                     fingerprint: Fingerprint | None = None) -> Session:
+        crypto = super().open_session(evaluation_keys, pending, fingerprint)
+        marked = {key: b.astype(np.uint64).T.copy() for key, b in crypto.marked.items()}
+        return Session(crypto, Ledger(), marked)
 
     def offline_seconds(self, session: Session) -> float:
         return super().offline_seconds(session.crypto)
@@ -226,7 +230,7 @@ class Server(bfv.Server):
 
     def evaluate(self, group: GroupSpec, request: Request, session: Session) -> bytes:
         if request.message == ONLINE:
-            return self._answer(group, request.data, session.ledger)
+            return self._answer(group, request.data, session)
         with self.filler:
             inner = Request(request.message - 1, request.rows, request.data)
             if request.message == OFFLINE_MASK:  # bounded like the pads it will make: no uncharged work beyond
@@ -238,11 +242,12 @@ class Server(bfv.Server):
             shift = np.mod(-self._masks(group, session.ledger, range(start, start + rows)).astype(np.int64), self.modulus)
             return frame([_START.pack(start), self._evaluate(group, inner, session.crypto, shift)])
 
-    def _answer(self, group: GroupSpec, online: Online, ledger: Ledger) -> bytes:
-        """z = B (A u) + r mod p, in plain integer arithmetic."""
-        ledger.use(group.key, online)
+    def _answer(self, group: GroupSpec, online: Online, session: Session) -> bytes:
+        """z = B (A u) + r mod p, in plain integer arithmetic (B as the session's account is served it)."""
+        session.ledger.use(group.key, online)
         a_t, b_t = self.online[group.key]
-        z = ((online.u @ a_t) @ b_t + self._masks(group, ledger, online.ids.tolist())) & np.uint64(self.modulus - 1)
+        b_t = session.marked.get(group.key, b_t)
+        z = ((online.u @ a_t) @ b_t + self._masks(group, session.ledger, online.ids.tolist())) & np.uint64(self.modulus - 1)
         return pack_values(z, self.bits)
 
     def _masks(self, group: GroupSpec, ledger: Ledger, ids: Sequence[int]) -> np.ndarray:

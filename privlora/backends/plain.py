@@ -106,6 +106,7 @@ class Session:
 
 class Server:
     replicable = True
+    fingerprints = False
 
     def __init__(self, tensors: dict[str, np.ndarray], groups: list[GroupSpec], params: dict[str, Any]) -> None:
         self.params = PLLParams(**params["pll"])

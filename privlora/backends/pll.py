@@ -218,3 +218,40 @@ def finish_masked(site: QuantizedSite, z: np.ndarray, mask: np.ndarray, rng: Ran
     inner = centred(z - mask, site.modulus)
     accumulator = inner @ site.b_hat.T
     return accumulator + _noise_and_lift(site, accumulator.shape, rng)
+
+
+@dataclass(frozen=True)
+class SiteMark:
+    """One site's share of an account's fingerprint: a secret direction ``g`` [d_out] added, at
+    ``strength`` times the column's own size, to column ``column`` of the site's B_hat. The served
+    map gains the rank-1 term ``diag(out_scale) dB A_hat``, which a clone fitted on the account's
+    answers learns with the rest."""
+
+    column: int
+    direction: np.ndarray  # float64 [d_out], standard normal
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """An account's marks by site module; ``tag`` names it (a server keeps encodings per tag)."""
+
+    tag: str
+    strength: float
+    marks: dict[str, SiteMark]
+
+
+def mark_offset(a_hat: np.ndarray, b_hat: np.ndarray, mark: SiteMark, strength: float, params: PLLParams,
+                modulus: int) -> np.ndarray:
+    """The integer offset [d_out, r] that a mark adds to one site's B_hat: the direction scaled to
+    the column's root mean square, kept inside the weights' range, and halved until the worst case
+    still fits the modulus (so a marked answer is as exact as an unmarked one)."""
+    column = b_hat[:, mark.column].astype(np.float64)
+    size = strength * float(np.sqrt(np.mean(column**2)))
+    limit = 2 ** (params.w_bits - 1) - 1
+    while size >= 0.5:  # below half a unit, every entry rounds back to the column
+        offset = np.zeros_like(b_hat)
+        offset[:, mark.column] = np.clip(np.rint(column + size * mark.direction), -limit, limit) - column
+        if 2 * accumulator_bound(a_hat, b_hat + offset, params.x_bits, params.error_bound) + 1 < modulus:
+            return offset
+        size /= 2
+    return np.zeros_like(b_hat)

@@ -1,4 +1,4 @@
-"""``privlora accounts create|revoke|list``: the API accounts behind ``serve --accounts``."""
+"""``privlora accounts create|revoke|list|fingerprints``: the API accounts behind ``serve --accounts``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from privlora.cli.parsing import COUNT, NON_NEGATIVE, POSITIVE_INT, Subparsers, add_command, formatter
 from privlora.server.accounts import AccountLimits, AccountStore
+from privlora.server.fingerprints import DEFAULT_STRENGTH
 
 
 def register(subparsers: Subparsers) -> None:
@@ -28,7 +29,15 @@ def register(subparsers: Subparsers) -> None:
                                 help="revoke an account's token at once (its use is kept)")
     revoke.add_argument("name", help="account name")
     listing = actions.add_parser("list", formatter_class=formatter, help="accounts, their limits and their use")
-    for action in (create, revoke, listing):
+    fingerprints = actions.add_parser("fingerprints", formatter_class=formatter,
+                                      help="show or set the strength of the accounts' fingerprints",
+                                      description="Every account is served the adapter plus a secret rank-1 term of "
+                                                  "its own, so that a clone made from its answers can be traced to it "
+                                                  "(`privlora attack trace`). Servers read the strength at start.")
+    fingerprints.add_argument("--strength", type=NON_NEGATIVE, default=None,
+                              help=f"size of the term, relative to the B column it is added to (0: off; default "
+                                   f"of a new database: {DEFAULT_STRENGTH:g})")
+    for action in (create, revoke, listing, fingerprints):
         action.set_defaults(handler=run)
         action.add_argument("--db", required=True, metavar="PATH", help="the accounts database (SQLite)")
 
@@ -45,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "revoke":
         store.revoke(args.name)
         print(f"revoked account {args.name!r}", file=sys.stderr)
+    elif args.action == "fingerprints":
+        if args.strength is not None:
+            store.set_fingerprint_strength(args.strength)
+        strength = store.fingerprint_key().strength
+        print(f"fingerprints: strength {strength:g}" + ("" if strength else " (off)"))
     else:
         print(_usage_table(store))
     return 0

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from privlora.cli.options import add_sampling_options, add_server_options, sampling, transport
+from privlora.cli.options import add_record_option, add_sampling_options, add_server_options, sampling, transport
 from privlora.cli.parsing import COUNT, Subparsers, add_command
 from privlora.errors import UsageError
 
@@ -37,6 +37,7 @@ def register(subparsers: Subparsers) -> None:
                         help="with a pads backend: make pads for N rows per group before the prompt is sent "
                              "(offline); a step that finds too few makes them on the spot (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="print only the generated text")
+    add_record_option(parser)
     parser.add_argument("--stats-json", default=None, metavar="PATH",
                         help="also write the generated token ids, the prefill and mean decode timings, and the online "
                              "and offline phases as JSON")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     # The prompt is checked against the model before any key, session or encryption.
-    assistant = Assistant(args.artifact, cache_keys=not args.no_key_cache)
+    assistant = Assistant(args.artifact, cache_keys=not args.no_key_cache, record=args.record)
     prompt = assistant.encode_raw(args.prompt) if args.raw else assistant.encode(args.prompt)
     config = assistant.config(**sampling(args))
     assistant.check(prompt, config)

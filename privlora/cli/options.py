@@ -104,12 +104,19 @@ def add_kept_pads_option(parser: argparse.ArgumentParser) -> None:
                              "between answers (0: only on the spot)")
 
 
+def add_record_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--record", default=None, metavar="DIR",
+                        help="keep what this client sees of the adapter (each LoRA site's input rows and the deltas "
+                             "returned) in the transcript directory DIR, for `privlora attack clone`")
+
+
 def assistants(args: argparse.Namespace) -> list[Assistant]:
     """One assistant per artifact: on ``--server`` (which hosts them all), else each on an
     in-process server of its own."""
     from privlora.client.assistant import Assistant
 
-    return [Assistant(artifact, transport(args, artifact), keep_pads=args.pads) for artifact in args.artifact]
+    return [Assistant(artifact, transport(args, artifact), keep_pads=args.pads, record=getattr(args, "record", None))
+            for artifact in args.artifact]
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:

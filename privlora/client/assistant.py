@@ -112,13 +112,14 @@ class Assistant:
 
     Made without a transport, it has the tokenizer and the model's limits only, so that a prompt
     can be refused before any key or session; :meth:`connect` then opens the session. With
-    ``keep_pads``, a backend with pads keeps that many rows per group ready between answers."""
+    ``keep_pads``, a backend with pads keeps that many rows per group ready between answers. With
+    ``record``, every answer's (x, delta) rows are saved to that transcript directory."""
 
     client: SecureClient  # set by connect()
 
     def __init__(self, artifact: str | Path, transport: Transport | None = None, name: str | None = None,
-                 cache_keys: bool = True, keep_pads: int = 0) -> None:
-        self._artifact, self._cache_keys, self._keep_pads = artifact, cache_keys, keep_pads
+                 cache_keys: bool = True, keep_pads: int = 0, record: str | Path | None = None) -> None:
+        self._artifact, self._cache_keys, self._keep_pads, self._record = artifact, cache_keys, keep_pads, record
         self._keeper: PadKeeper | None = None
         self._bundle = bundle = load_bundle(artifact, CLIENT)
         tokenizer_dir = bundle.root / TOKENIZER_DIR
@@ -135,6 +136,8 @@ class Assistant:
     def connect(self, transport: Transport) -> SecureClient:
         """Check that the server runs this artifact, load (or make) the keys, open the session."""
         self.client = SecureClient(self._artifact, transport, cache_keys=self._cache_keys, bundle=self._bundle)
+        if self._record is not None:
+            self.client.record(self._record)
         self._keeper = PadKeeper(self.client, self._keep_pads)
         self._keeper.start()  # while the user types the first message
         return self.client
@@ -204,5 +207,7 @@ class Assistant:
             reply.text = text
         finally:
             reply.seconds = time.perf_counter() - start
+            if self.client.recorder is not None:
+                self.client.recorder.save()
             if self._keeper is not None:
                 self._keeper.start()

@@ -42,6 +42,7 @@ from privlora.files import read_json
 from privlora.paths import cache_root
 from privlora.client.segments import Segment
 from privlora.client.timings import OfflineStats, StepStats
+from privlora.client.transcript import Recorder
 from privlora.client.transports import Transport, TransportError
 
 log = logging.getLogger("privlora.client")
@@ -105,6 +106,12 @@ class SecureClient:
         self.tokenizer_dir = tokenizer if tokenizer.is_dir() else None
         self.steps: list[StepStats] = []
         self.on_group: Callable[[], None] | None = None  # called after each group's exchange (progress)
+        self.recorder: Recorder | None = None  # keeps this client's (x, delta) rows: see transcript.py
+
+    def record(self, directory: str | Path) -> Recorder:
+        """Keep every row this client sends and the delta it gets back, for ``Recorder.save``."""
+        self.recorder = Recorder(directory, self._groups())
+        return self.recorder
 
     def _check_server(self) -> None:
         """The server hosts this client's artifact. A server with accounts shows its artifacts only
@@ -152,6 +159,8 @@ class SecureClient:
         outputs: list[Any] = [None] * len(self.groups[step.name])
         for group in self.groups[step.name]:
             outputs[group.output] = exchange(self.crypto, group, args[group.input], self._send(group), stats)
+            if self.recorder is not None:
+                self.recorder.observe(group, args[group.input], outputs[group.output])
             if self.on_group is not None:
                 self.on_group()
         return outputs
@@ -217,12 +226,16 @@ class SecureClient:
 
         def attempt() -> tuple[StepStats, Sequence[Any]]:
             stats = StepStats(rows=rows)
+            if self.recorder is not None:
+                self.recorder.discard_step()  # a step redone after a fault is recorded once
             self._cold_path(rows, stats)
             return stats, run_plan(self.plan, lambda step, args: self._run_step(step, args, stats),
                                    [input_ids, position_ids, attention_mask, past_keys, past_values])
 
         stats, (logits, keys, values) = self._retrying(attempt)
         self.steps.append(stats)
+        if self.recorder is not None:
+            self.recorder.commit()
         return logits, keys, values
 
     @property

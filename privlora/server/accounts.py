@@ -30,8 +30,9 @@ from pathlib import Path
 
 from privlora.errors import PrivloraError
 from privlora.core.wire import AuthError, BudgetError, ForbiddenError
+from privlora.server.fingerprints import DEFAULT_STRENGTH, FINGERPRINT_SECRET_BYTES, FingerprintKey
 
-SCHEMA_VERSION = 2  # 2: usage is keyed by the adapter's weights, not by the artifact
+SCHEMA_VERSION = 3  # 2: usage is keyed by the adapter's weights, not by the artifact; 3: the fingerprint key
 TOKEN_PREFIX = "plk_"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
@@ -55,6 +56,14 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (account, adapter, site)
 );
 PRAGMA user_version = {SCHEMA_VERSION};
+"""
+# One row: the secret every account's fingerprint is derived from, and their strength (0: off).
+_FINGERPRINT_TABLE = """
+CREATE TABLE IF NOT EXISTS fingerprint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    secret BLOB NOT NULL,
+    strength REAL NOT NULL
+);
 """
 
 
@@ -117,11 +126,14 @@ class AccountStore:
             if version == 0:
                 self._db.executescript(_SCHEMA)
             elif version == 1:  # rows stay under the artifact ids until a server hosting one adopts them
-                self._db.executescript(f"ALTER TABLE usage RENAME COLUMN artifact TO adapter; "
-                                       f"PRAGMA user_version = {SCHEMA_VERSION};")
-            elif version != SCHEMA_VERSION:
+                self._db.executescript("ALTER TABLE usage RENAME COLUMN artifact TO adapter;")
+            elif version > SCHEMA_VERSION:
                 raise AccountError(f"{self.path} is an accounts database of schema {version}; this privlora reads "
                                    f"schema {SCHEMA_VERSION}")
+            self._db.executescript(_FINGERPRINT_TABLE)
+            self._db.execute("INSERT OR IGNORE INTO fingerprint VALUES (1, ?, ?)",
+                             (secrets.token_bytes(FINGERPRINT_SECRET_BYTES), DEFAULT_STRENGTH))
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("SELECT name FROM accounts LIMIT 1")
         except sqlite3.DatabaseError as exc:
             raise AccountError(f"{self.path} is not a privlora accounts database: {exc}") from None
@@ -212,6 +224,14 @@ class AccountStore:
                            f"COALESCE(SUM(u.rows), 0) AS total FROM accounts a LEFT JOIN usage u "
                            f"ON u.account = a.name {where} GROUP BY a.name ORDER BY a.created", parameters)
         return [AccountUsage(_account(row), row["sites"], row["max_rows_used"], row["total"]) for row in rows]
+
+    def fingerprint_key(self) -> FingerprintKey:
+        (row,) = self._query("SELECT secret, strength FROM fingerprint WHERE id = 1")
+        return FingerprintKey(bytes(row["secret"]), float(row["strength"]))
+
+    def set_fingerprint_strength(self, strength: float) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE fingerprint SET strength = ? WHERE id = 1", (strength,))
 
     def close(self) -> None:
         with self._lock:

@@ -32,7 +32,9 @@ from privlora import backends
 from privlora.core.artifact import SERVER, adapter_key, artifact_id, load_bundle, read_server_program
 from privlora.core.types import GroupSpec, groups_from_rounds
 from privlora.core.wire import BudgetError, RateLimitError, RoundError
+from privlora.backends.pll import Fingerprint
 from privlora.server.accounts import Account, AccountStore
+from privlora.server.fingerprints import FingerprintKey, account_fingerprint
 from privlora.server.sessions import Session, SessionLimits, SessionTable, TokenBucket, session_tag
 
 log = logging.getLogger("privlora.server")
@@ -60,13 +62,18 @@ class PrivateServer:
                                                                parameters)
         self.limits = limits
         self.accounts = accounts
+        self.fingerprint_key: FingerprintKey | None = None  # set when this server marks its accounts' answers
         if accounts is not None:
             accounts.adopt(self.artifact_id, self.adapter_key)
+            key = accounts.fingerprint_key()
+            if key.enabled and self.backend.fingerprints:
+                self.fingerprint_key = key
         self.sessions = SessionTable(limits)
         self._account_buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
         log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
-                                           "backend": self.backend_name, "groups": len(self.groups)})
+                                           "backend": self.backend_name, "groups": len(self.groups),
+                                           "fingerprints": self.fingerprint_key.strength if self.fingerprint_key else 0})
 
     def describe(self) -> dict[str, Any]:
         """This artifact's entry in the health answer."""
@@ -78,8 +85,16 @@ class PrivateServer:
     def new_session_id(self) -> str:
         return f"{self.session_prefix}{secrets.token_urlsafe(18)}"
 
+    def _fingerprint(self, account: Account | None) -> dict[str, Fingerprint]:
+        """The keyword that marks a session with its account's fingerprint, where this server marks."""
+        if account is None or self.fingerprint_key is None:
+            return {}
+        sites = [site for group in self.groups.values() for site in group.sites]
+        return {"fingerprint": account_fingerprint(self.fingerprint_key, account.name, sites)}
+
     def open_session(self, evaluation_keys: bytes, account: Account | None = None) -> str:
-        keys = self.backend.open_session(evaluation_keys)  # PayloadError on bad keys, before any state changes
+        # PayloadError on bad keys, before any state changes
+        keys = self.backend.open_session(evaluation_keys, **self._fingerprint(account))
         session_id = self.new_session_id()
         with self._lock:
             bucket = self._bucket(account)

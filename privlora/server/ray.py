@@ -161,7 +161,8 @@ class ReplicaServer(PrivateServer):
         self._loaded_lock = threading.Lock()
 
     def _load(self, session_id: str, keys: bytes, account: Account | None) -> Session:
-        backend_session = self.backend.open_session(keys, SharedPending(self.directory, session_id))
+        backend_session = self.backend.open_session(keys, SharedPending(self.directory, session_id),
+                                                    **self._fingerprint(account))
         session = Session(backend_session, len(keys), account.name if account else None, self._bucket(account))
         with self._loaded_lock:
             self._loaded[session_id] = session

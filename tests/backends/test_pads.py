@@ -49,9 +49,9 @@ class NoOutputMask(pads.Server):
 class Forgetful(pads.Server):
     """Control: a server that does not remember which pads were used."""
 
-    def _answer(self, group, online, ledger):
-        ledger.used.clear()
-        return super()._answer(group, online, ledger)
+    def _answer(self, group, online, session):
+        session.ledger.used.clear()
+        return super()._answer(group, online, session)
 
 
 class ZeroPads(pads.Client):

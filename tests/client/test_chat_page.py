@@ -32,7 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1100,900"]
 SCREENSHOTS = Path(os.environ.get("PRIVLORA_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
 TOKENS = 8
-LONG = 200  # tokens asked for an answer to stop midway (the greedy answer to "hello" runs longer)
+LONG = 200  # tokens asked for an answer to stop midway (the greedy answer to "hello" is 110 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_stop_ends_the_answer_and_the_gateway_stops_generating(page, stack):
     time.sleep(0.5)
     assert messages(page)[-1] == ("assistant", stopped)  # no more text came
     line = stack.wait_for_answers(logged + 1)[logged]
-    assert line["finish"] == "cancelled" and int(line["completion_tokens"]) < LONG / 2, line
+    assert line["finish"] == "cancelled" and int(line["completion_tokens"]) < 50, line  # whole: 110
     assert api_answer(stack, [("user", "hello")], max_tokens=LONG).startswith(stopped)
     page.find_element(By.ID, "new-chat").click()  # the page stays usable: a new chat answers in full
     assert messages(page) == []

@@ -206,7 +206,8 @@ def test_one_log_line_per_answer_with_its_figures(stack):
 
 def test_a_client_that_goes_away_stops_the_answer(stack, expected):
     """The stream is cut after its first words: the gateway stops generating after the current
-    token (logged as cancelled, far short of max_tokens) and the next answer is whole and right."""
+    token (logged as cancelled, far short of max_tokens), holds the model until it has, and the
+    next answer is whole and right."""
     gateway = stack["gateway"]
     before = len(gateway.answers())
     body = {"model": "clinic", "messages": QUESTION, "max_tokens": 200, "temperature": 0, "stream": True}
@@ -216,6 +217,7 @@ def test_a_client_that_goes_away_stops_the_answer(stack, expected):
                 break
     logged = gateway.wait_for_answers(before + 1)[before]
     assert logged["finish"] == "cancelled" and int(logged["completion_tokens"]) < 50, logged  # whole: 110
+    assert float(logged["online_s"]) > 0  # logged once the worker had stopped: its steps are counted
     answer = httpx.post(stack["url"] + "/v1/chat/completions", timeout=60,
                         json={**body, "stream": False, "max_tokens": TOKENS}).json()
     assert answer["choices"][0]["message"]["content"] == expected["clinic"]

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -49,7 +49,7 @@ MAX_WAITING = 32  # requests queued per model before 429
 # from another origin (the policy below forbids it), so the page works offline.
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/chat.css": ("chat.css", "text/css; charset=utf-8"),
         "/chat.js": ("chat.js", "text/javascript; charset=utf-8")}
-PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'",
                 "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-cache"}
 
 
@@ -301,7 +301,7 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
     return app
 
 
-def _static(content: bytes, media: str) -> Any:
+def _static(content: bytes, media: str) -> Callable[[], Awaitable[Response]]:
     """A route answering one of the page's files."""
 
     async def serve() -> Response:

@@ -240,6 +240,9 @@ class Fingerprint:
     marks: dict[str, SiteMark]
 
 
+MARK_TRIES = 8  # halvings of a mark that would not fit the modulus before it is left out
+
+
 def mark_offset(a_hat: np.ndarray, b_hat: np.ndarray, mark: SiteMark, strength: float, params: PLLParams,
                 modulus: int) -> np.ndarray:
     """The integer offset [d_out, r] that a mark adds to one site's B_hat: the direction scaled to
@@ -248,7 +251,7 @@ def mark_offset(a_hat: np.ndarray, b_hat: np.ndarray, mark: SiteMark, strength: 
     column = b_hat[:, mark.column].astype(np.float64)
     size = strength * float(np.sqrt(np.mean(column**2)))
     limit = 2 ** (params.w_bits - 1) - 1
-    while size >= 0.5:  # below half a unit, every entry rounds back to the column
+    for _ in range(MARK_TRIES):
         offset = np.zeros_like(b_hat)
         offset[:, mark.column] = np.clip(np.rint(column + size * mark.direction), -limit, limit) - column
         if 2 * accumulator_bound(a_hat, b_hat + offset, params.x_bits, params.error_bound) + 1 < modulus:

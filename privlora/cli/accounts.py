@@ -7,7 +7,7 @@ import sys
 
 from privlora.cli.parsing import COUNT, NON_NEGATIVE, POSITIVE_INT, Subparsers, add_command, formatter
 from privlora.server.accounts import AccountLimits, AccountStore
-from privlora.server.fingerprints import DEFAULT_STRENGTH
+from privlora.server.fingerprints import RECOMMENDED_STRENGTH
 
 
 def register(subparsers: Subparsers) -> None:
@@ -35,8 +35,8 @@ def register(subparsers: Subparsers) -> None:
                                                   "its own, so that a clone made from its answers can be traced to it "
                                                   "(`privlora attack trace`). Servers read the strength at start.")
     fingerprints.add_argument("--strength", type=NON_NEGATIVE, default=None,
-                              help=f"size of the term, relative to the B column it is added to (0: off; default "
-                                   f"of a new database: {DEFAULT_STRENGTH:g})")
+                              help=f"size of the term, relative to the B column it is added to (0: off, as in a "
+                                   f"new database; recommended: {RECOMMENDED_STRENGTH:g})")
     for action in (create, revoke, listing, fingerprints):
         action.set_defaults(handler=run)
         action.add_argument("--db", required=True, metavar="PATH", help="the accounts database (SQLite)")

@@ -4,6 +4,7 @@ behind it (the prompts are encrypted here; the adapters stay on the server)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from privlora.cli.options import add_kept_pads_option, add_listen_options, add_server_options, assistants
@@ -20,6 +21,16 @@ def register(subparsers: Subparsers) -> None:
     add_listen_options(parser, port=8080)
 
 
+def log_answers() -> None:
+    """The gateway's line per request on stderr, timestamped (its banner goes there too)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s privlora gateway: %(message)s"))
+    logger = logging.getLogger("privlora.gateway")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -29,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     models = assistants(args)
     app = create_gateway(models)
     print(f"privlora gateway: models {', '.join(a.name for a in models)} on http://{args.host}:{args.port}/v1 "
-          f"(secure generation through {args.server or 'an in-process server'}; Ctrl-C to stop)", file=sys.stderr)
+          f"(secure generation through {args.server or 'an in-process server'}; Ctrl-C to stop); "
+          f"chat page: http://{args.host}:{args.port}/", file=sys.stderr)
+    log_answers()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **UVICORN_PROTOCOLS)
     return 0

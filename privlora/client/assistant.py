@@ -13,13 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from privlora.core.artifact import CLIENT, TOKENIZER_DIR, artifact_id, load_bundle
 from privlora.errors import PrivloraError
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, check_context, generate
+from privlora.client.timings import OfflineStats, StepStats, answer_report, offline_since
 from privlora.client.tokenizer import Message, load_client_tokenizer
 from privlora.client.transports import Transport
 
@@ -39,6 +41,8 @@ class Reply:
     first_token_s: float | None = None  # from the request to the first token (the prefill)
     seconds: float = 0.0
     eos_token: int | None = None  # the eos that ended the answer (not in ``tokens``)
+    steps: list[StepStats] = field(default_factory=list)  # one per generated token, the prefill first
+    offline: OfflineStats = field(default_factory=OfflineStats)  # pads made since the previous answer
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -51,6 +55,11 @@ class Reply:
     def generated(self) -> list[int]:
         """Every token the model produced: ``tokens`` and the eos that ended them, if one did."""
         return self.tokens if self.eos_token is None else [*self.tokens, self.eos_token]
+
+    def report(self) -> dict[str, Any]:
+        """What the answer took, measured: its speed, and what privacy cost it online and offline."""
+        return {"first_token_s": self.first_token_s, "tokens_per_second": self.tokens_per_second,
+                "seconds": self.seconds, **answer_report(self.steps, self.offline)}
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -138,6 +147,7 @@ class Assistant:
         self.client = SecureClient(self._artifact, transport, cache_keys=self._cache_keys, bundle=self._bundle)
         if self._record is not None:
             self.client.record(self._record)
+        self._offline_seen = OfflineStats()  # the client's pads total when the last answer ended
         self._keeper = PadKeeper(self.client, self._keep_pads)
         self._keeper.start()  # while the user types the first message
         return self.client
@@ -179,7 +189,7 @@ class Assistant:
         if self._keeper is not None:
             self._keeper.pause()
         stops = [s for s in stop if s]
-        start, emitted, text = time.perf_counter(), 0, ""
+        start, emitted, text, first_step = time.perf_counter(), 0, "", len(self.client.steps)
         try:
             for token in generate(self.client, prompt, config):
                 if reply.first_token_s is None:
@@ -209,5 +219,8 @@ class Assistant:
             reply.seconds = time.perf_counter() - start
             if self.client.recorder is not None:
                 self.client.recorder.save()
+            reply.steps = self.client.steps[first_step:]
+            reply.offline = offline_since(self.client.offline, self._offline_seen)
+            self._offline_seen = replace(self.client.offline)  # read while no pads are being made
             if self._keeper is not None:
                 self._keeper.start()

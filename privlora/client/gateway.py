@@ -4,7 +4,11 @@ on loopback; the prompt is encrypted here before anything leaves the machine, an
 stays on the privlora server (or, without ``--server``, in an in-process server).
 
 Routes: ``GET /v1/models``; ``POST /v1/chat/completions`` (``stream`` as Server-Sent Events
-ending with ``data: [DONE]``); ``GET /health``. Errors are OpenAI error objects:
+ending with ``data: [DONE]``); ``GET /health``; ``GET /``, a chat page in the browser that uses
+the same API. Every answer carries what it cost, measured, in a ``privlora`` object beside the
+OpenAI fields (in the response, or in the stream's chunk with the ``finish_reason``), and is
+logged in one line. A streamed answer whose client goes away stops after its current token.
+Errors are OpenAI error objects:
 ``{"error": {"message", "type", "param", "code"}}`` with 400 for bad parameters, 404 for an
 unknown model, 413 when the conversation and ``max_tokens`` exceed the model's context, 429 when
 too many requests wait, 502 when the privlora server refuses or cannot be reached.
@@ -17,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -33,9 +40,17 @@ from privlora.client.assistant import Assistant, Reply
 from privlora.client.generation import ContextLengthError
 from privlora.client.transports import TransportError
 
+log = logging.getLogger("privlora.gateway")
+
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 MAX_WAITING = 32  # requests queued per model before 429
+# The chat page: URL path -> (file in privlora/client/page, media type). No build step, nothing
+# from another origin (the policy below forbids it), so the page works offline.
+PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+        "/chat.js": ("chat.js", "text/javascript; charset=utf-8")}
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'",
+                "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-cache"}
 
 
 class GatewayError(Exception):
@@ -151,6 +166,25 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
+def _seconds(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def answer_line(model: str, reply: Reply, finish: str) -> str:
+    """The log line of one answer: its size, speed and what privacy cost, online and offline."""
+    report = reply.report()
+    return (f"model={model} prompt_tokens={reply.prompt_tokens} completion_tokens={len(reply.tokens)} "
+            f"finish={finish} first_token_s={_seconds(reply.first_token_s)} "
+            f"tokens_per_s={_seconds(reply.tokens_per_second, 1)} online_s={_seconds(report['online']['seconds'])} "
+            f"offline_s={_seconds(report['offline']['seconds'])}")
+
+
+def page_files() -> dict[str, tuple[bytes, str]]:
+    """The chat page's files as shipped in the package, by URL path."""
+    folder = resources.files("privlora.client") / "page"
+    return {path: ((folder / name).read_bytes(), media) for path, (name, media) in PAGE.items()}
+
+
 def _failure(exc: Exception) -> GatewayError:
     """What the client of the gateway is told when secure generation fails."""
     if isinstance(exc, GatewayError):
@@ -173,7 +207,11 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def refused(request: Request, exc: GatewayError) -> JSONResponse:
+        log.info(f"refused status={exc.status} code={exc.code or exc.kind}: {exc}")
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    for path, (content, media) in page_files().items():
+        app.add_api_route(path, _static(content, media), methods=["GET"], include_in_schema=False)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -223,34 +261,53 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
                 try:
                     await run_in_threadpool(lambda: list(assistant.stream(prompt, config, reply, chat.stop)))
                 except Exception as exc:
+                    log.info(answer_line(assistant.name, reply, "error"))
                     raise _failure(exc) from None
+            log.info(answer_line(assistant.name, reply, str(reply.finish_reason)))
             return JSONResponse({
                 "id": completion, "object": "chat.completion", "created": created, "model": assistant.name,
                 "system_fingerprint": assistant.artifact_id[:16],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                              "finish_reason": reply.finish_reason, "logprobs": None}],
-                "usage": _usage(reply)})
+                "usage": _usage(reply), "privlora": reply.report()})
 
         async def events() -> AsyncIterator[bytes]:
+            outcome = "cancelled"  # unless the answer ends or fails: the client went away
             async with _turn(model):
-                yield _sse(_chunk(completion, assistant.name, created, {"role": "assistant", "content": ""}, None))
                 try:
-                    async for piece in _in_thread(assistant.stream(prompt, config, reply, chat.stop)):
-                        yield _sse(_chunk(completion, assistant.name, created, {"content": piece}, None))
-                except Exception as exc:  # the status is sent already: the error goes in the stream
-                    yield _sse(_failure(exc).body())
+                    yield _sse(_chunk(completion, assistant.name, created, {"role": "assistant", "content": ""},
+                                      None))
+                    try:
+                        async for piece in _in_thread(assistant.stream(prompt, config, reply, chat.stop)):
+                            yield _sse(_chunk(completion, assistant.name, created, {"content": piece}, None))
+                    except Exception as exc:  # the status is sent already: the error goes in the stream
+                        outcome = "error"
+                        yield _sse(_failure(exc).body())
+                        yield _sse("[DONE]")
+                        return
+                    outcome = str(reply.finish_reason)
+                    last = _chunk(completion, assistant.name, created, {}, reply.finish_reason)
+                    yield _sse({**last, "privlora": reply.report()})
+                    if chat.include_usage:
+                        yield _sse({"id": completion, "object": "chat.completion.chunk", "created": created,
+                                    "model": assistant.name, "choices": [], "usage": _usage(reply)})
                     yield _sse("[DONE]")
-                    return
-                yield _sse(_chunk(completion, assistant.name, created, {}, reply.finish_reason))
-                if chat.include_usage:
-                    yield _sse({"id": completion, "object": "chat.completion.chunk", "created": created,
-                                "model": assistant.name, "choices": [], "usage": _usage(reply)})
-                yield _sse("[DONE]")
+                finally:
+                    log.info(answer_line(assistant.name, reply, outcome))
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     return app
+
+
+def _static(content: bytes, media: str) -> Callable[[], Awaitable[Response]]:
+    """A route answering one of the page's files."""
+
+    async def serve() -> Response:
+        return Response(content, media_type=media, headers=PAGE_HEADERS)
+
+    return serve
 
 
 class _turn:
@@ -301,4 +358,5 @@ async def _in_thread(pieces: Any) -> AsyncIterator[str]:
             yield item
     finally:
         cancelled.set()
-        await worker
+        with anyio.CancelScope(shield=True):  # the model stays held until the worker has let it go
+            await worker

@@ -54,10 +54,32 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def total_step(steps: list[StepStats]) -> StepStats:
+    """The field-wise sum of several steps (rows included): one answer's whole cost."""
+    return StepStats(**{name: sum(getattr(s, name) for s in steps) for name in StepStats.__dataclass_fields__})
+
+
 def mean_step(steps: list[StepStats]) -> StepStats:
     """The field-wise mean of several steps (rows included)."""
-    n = len(steps)
-    return StepStats(**{name: sum(getattr(s, name) for s in steps) / n for name in StepStats.__dataclass_fields__})
+    total = total_step(steps)
+    return StepStats(**{name: getattr(total, name) / len(steps) for name in StepStats.__dataclass_fields__})
+
+
+def offline_since(now: OfflineStats, before: OfflineStats) -> OfflineStats:
+    """The pads made between two readings of a client's running total (:attr:`SecureClient.offline`)."""
+    return OfflineStats(**{name: getattr(now, name) - getattr(before, name)
+                           for name in OfflineStats.__dataclass_fields__})
+
+
+def answer_report(steps: list[StepStats], offline: OfflineStats) -> dict[str, Any]:
+    """One answer's privacy cost as JSON-ready numbers: its online phase (public segments and
+    every group's exchange, what the user waits for with pads ready) and the pads made for it
+    (``waited_s``: the part made on the spot, which the user waited for too)."""
+    total = total_step(steps)
+    return {"steps": len(steps),
+            "online": {"seconds": total.online_s, "public_s": total.public_s, "bytes_up": total.bytes_up,
+                       "bytes_down": total.bytes_down, "messages": total.messages},
+            "offline": {**offline.report(), "waited_s": total.offline_s}}
 
 
 def _online(steps: list[StepStats]) -> dict[str, float | None]:

@@ -111,6 +111,8 @@ def load_transcript(directory: str | Path, max_rows: int | None = None) -> list[
     xs: dict[str, list[np.ndarray]] = {key: [] for key in table}
     deltas: dict[str, list[np.ndarray]] = {key: [] for key in table}
     for part in parts:
+        if max_rows is not None and min(sum(len(x) for x in kept) for kept in xs.values()) >= max_rows:
+            break  # every group has its rows: the later parts are not read
         with np.load(part, allow_pickle=False) as data:
             for key in table:
                 if f"x/{key}" in data:

@@ -7,8 +7,8 @@ spoiling honest answers, but it can make every account's copy different: each ac
 column of the site's integer B_hat: ``backends/pll.py:mark_offset``), derived from a server
 secret and the account's name. A clone fitted on an account's answers learns its ``F_acct``
 along with ``dW``; :func:`trace` then tests a suspect adapter against every account's term and
-names the one it carries, with a p-value. The strength is small enough that greedy answers do
-not change (measured in docs/security.md).
+names the one it carries, with a p-value. At the recommended strength SmolLM2's greedy answers do
+not change (measured in docs/security.md); a new accounts database starts with them off.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from privlora.backends.pll import Fingerprint, SiteMark
 from privlora.core.types import PLLSite
 
 FINGERPRINT_SECRET_BYTES = 32
-DEFAULT_STRENGTH = 0.05  # of a B_hat column's own size; docs/security.md measures the answers it keeps
+# Of a B_hat column's size: a term about as large as the PLL error itself, which left SmolLM2's
+# greedy answers unchanged; off in a new database, because near-tied logits (tiny random models)
+# do flip (docs/security.md, "Fingerprints").
+RECOMMENDED_STRENGTH = 0.005
+DEFAULT_STRENGTH = 0.0
 
 
 @dataclass(frozen=True)

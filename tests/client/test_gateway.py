@@ -6,20 +6,19 @@ generate`'s for the same greedy request."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from privlora.compiler.driver import compile_artifact
-from privlora.tools.loadtest import ServerProcess, free_port
+from privlora.tools.loadtest import ServerProcess
 from privlora.server.accounts import AccountStore
 from privlora.client.transports import Credentials, HttpTransport
+from support.gateway import GatewayProcess
 
 QUESTION = [{"role": "user", "content": "hello"}]
 TOKENS = 6
@@ -52,23 +51,10 @@ def stack(artifacts, tmp_path_factory):
     accounts = AccountStore(tmp_path_factory.mktemp("accounts") / "accounts.db", create=True)
     token = accounts.create("gateway-user")
     server = ServerProcess([artifacts["clinic"], artifacts["legal"]], "--accounts", str(accounts.path)).start()
-    port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "privlora.cli", "gateway", str(artifacts["clinic"]),
-                                str(artifacts["legal"]), "--server", server.url, "--port", str(port)],
-                               env={**os.environ, "PRIVLORA_TOKEN": token}, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert gateway.poll() is None, gateway.stderr.read()
-        try:
-            httpx.get(f"{url}/health").raise_for_status()
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "the gateway did not come up"
-            time.sleep(0.2)
-    yield {"url": url, "server": server, "token": token, "operator": accounts.create("operator", admin=True)}
-    gateway.terminate()
-    gateway.wait(30)
+    gateway = GatewayProcess([artifacts["clinic"], artifacts["legal"]], server.url, token).start()
+    yield {"url": gateway.url, "server": server, "token": token, "operator": accounts.create("operator", admin=True),
+           "gateway": gateway}
+    gateway.stop()
     server.stop()
 
 
@@ -181,3 +167,57 @@ def test_sampling_with_a_seed_is_repeatable(client):
                                               top_p=0.9, seed=7).choices[0].message.content
 
     assert sample() == sample()
+
+
+def test_every_answer_carries_its_measured_cost(stack):
+    """The ``privlora`` object: one step per generated token, bytes and messages on the wire, pads
+    made for the pads model only, and the online phase inside the answer's time."""
+    for model in ("clinic", "legal"):
+        body = {"model": model, "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0}
+        answer = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=60).json()
+        cost = answer["privlora"]
+        assert cost["steps"] == answer["usage"]["completion_tokens"] == TOKENS  # finish "length": no eos step
+        online, offline = cost["online"], cost["offline"]
+        assert online["messages"] >= TOKENS and online["bytes_up"] > 0 and online["bytes_down"] > 0
+        assert 0 < cost["first_token_s"] < online["seconds"] <= cost["seconds"] and cost["tokens_per_second"] > 0
+        assert (offline["rows"] > 0) == (model == "legal")  # pads: made between answers or on the spot
+        with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as response:
+            events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                      if line and line != "data: [DONE]"]
+        (last,) = [e for e in events if "privlora" in e]  # the chunk with the finish_reason, and no other
+        assert last["choices"][0]["finish_reason"] == "length" and last["privlora"]["steps"] == TOKENS
+
+
+def test_one_log_line_per_answer_with_its_figures(stack):
+    before = len(stack["gateway"].answers())
+    body = {"model": "legal", "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0}
+    answer = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=60).json()
+    logged = stack["gateway"].wait_for_answers(before + 1)[before]
+    cost = answer["privlora"]
+    assert logged["model"] == "legal" and logged["finish"] == "length"
+    assert int(logged["prompt_tokens"]) == answer["usage"]["prompt_tokens"]
+    assert int(logged["completion_tokens"]) == TOKENS
+    for field, value in (("first_token_s", cost["first_token_s"]), ("online_s", cost["online"]["seconds"]),
+                         ("offline_s", cost["offline"]["seconds"])):
+        assert float(logged[field]) == pytest.approx(value, abs=0.0006), field
+    assert float(logged["tokens_per_s"]) == pytest.approx(cost["tokens_per_second"], abs=0.06)
+
+
+def test_a_client_that_goes_away_stops_the_answer(stack, expected):
+    """The stream is cut after its first words: the gateway stops generating after the current
+    token (logged as cancelled, far short of max_tokens), holds the model until it has, and the
+    next answer is whole and right."""
+    gateway = stack["gateway"]
+    before = len(gateway.answers())
+    body = {"model": "clinic", "messages": QUESTION, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():  # up to the first words
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+    logged = gateway.wait_for_answers(before + 1)[before]
+    assert logged["finish"] == "cancelled" and int(logged["completion_tokens"]) < 50, logged  # whole: 110
+    assert float(logged["online_s"]) > 0  # logged once the worker had stopped: its steps are counted
+    answer = httpx.post(stack["url"] + "/v1/chat/completions", timeout=60,
+                        json={**body, "stream": False, "max_tokens": TOKENS}).json()
+    assert answer["choices"][0]["message"]["content"] == expected["clinic"]

@@ -1,4 +1,4 @@
-"""Fingerprints on the real model: at the default strength an account's greedy answers to the
+"""Fingerprints on the real model: at the recommended strength an account's greedy answers to the
 demo's held-out questions are the unmarked adapter's (through the real pads server, and for more
 questions with the terms added to the float adapter); a fingerprint 100 times larger changes them."""
 
@@ -16,7 +16,7 @@ from privlora.models.lora import attach_adapter
 from privlora.models.registry import architecture
 from privlora.paths import DEMO_ADAPTER
 from privlora.server.accounts import AccountStore
-from privlora.server.fingerprints import DEFAULT_STRENGTH, FingerprintKey, account_fingerprint
+from privlora.server.fingerprints import RECOMMENDED_STRENGTH, FingerprintKey, account_fingerprint
 from privlora.server.private import PrivateServer
 from privlora.tools.clone import greedy_answers
 from privlora.tools.qa import load_qa
@@ -48,19 +48,20 @@ def marked_answers(artifact, demo, strength: float) -> list[list[int]]:
     return greedy_answers(model, prompts, config)
 
 
-def test_default_fingerprints_leave_the_demo_answers_unchanged(artifact, demo):
-    assert marked_answers(artifact, demo, DEFAULT_STRENGTH) == demo[3]
+def test_recommended_fingerprints_leave_the_demo_answers_unchanged(artifact, demo):
+    assert marked_answers(artifact, demo, RECOMMENDED_STRENGTH) == demo[3]
 
 
 def test_control_a_fingerprint_a_hundred_times_larger_changes_them(artifact, demo):
-    assert marked_answers(artifact, demo, 100 * DEFAULT_STRENGTH) != demo[3]
+    assert marked_answers(artifact, demo, 100 * RECOMMENDED_STRENGTH) != demo[3]
 
 
 def test_a_marked_account_gets_the_adapter_s_answer_through_the_pads_server(artifact, demo, tmp_path):
     store = AccountStore(tmp_path / "accounts.db", create=True)
+    store.set_fingerprint_strength(RECOMMENDED_STRENGTH)
     token = store.create("alice")
     server = PrivateServer(artifact, accounts=store)
-    assert server.fingerprint_key is not None and server.fingerprint_key.strength == DEFAULT_STRENGTH
+    assert server.fingerprint_key is not None and server.fingerprint_key.strength == RECOMMENDED_STRENGTH
     assistant = Assistant(artifact, InProcessTransport(server, token), cache_keys=False)
     _, prompts, config, expected = demo
     reply = Reply(prompt_tokens=len(prompts[0]))

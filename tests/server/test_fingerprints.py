@@ -16,7 +16,7 @@ from privlora.client.transcript import load_transcript
 from privlora.errors import PrivloraError
 from privlora.local import InProcessTransport
 from privlora.server.accounts import AccountStore
-from privlora.server.fingerprints import DEFAULT_STRENGTH
+from privlora.server.fingerprints import RECOMMENDED_STRENGTH
 from privlora.server.private import PrivateServer
 from privlora.tools.clone import clone_adapter, fit_transcript, write_adapter
 from privlora.tools.trace import named, trace
@@ -50,7 +50,7 @@ def clone_of(transcript: Path, out: Path, base: Path) -> Path:
 @pytest.mark.parametrize("backend", ["pads", "bfv"])
 def test_a_clone_names_the_account_whose_answers_it_was_fitted_on(tiny_build, tmp_path, backend):
     artifact = tiny_build.artifact(backend)
-    store, tokens = accounts_db(tmp_path / "accounts.db", DEFAULT_STRENGTH)
+    store, tokens = accounts_db(tmp_path / "accounts.db", RECOMMENDED_STRENGTH)
     answers(artifact, PrivateServer(artifact, accounts=store), tokens["user7"], tmp_path / "t")
     suspect = clone_of(tmp_path / "t", tmp_path / "clone", tiny_build.base)
     scores = trace(artifact, suspect, store.fingerprint_key(), ACCOUNTS, null_draws=100)
@@ -67,13 +67,13 @@ def test_control_a_clone_from_a_server_without_fingerprints_names_no_one(tiny_bu
     suspect = clone_of(tmp_path / "t", tmp_path / "clone", tiny_build.base)
     with pytest.raises(PrivloraError, match="fingerprints are off"):
         trace(artifact, suspect, store.fingerprint_key(), ACCOUNTS)
-    store.set_fingerprint_strength(DEFAULT_STRENGTH)  # turned on later: the old clone carries none of them
+    store.set_fingerprint_strength(RECOMMENDED_STRENGTH)  # turned on later: the old clone carries none of them
     assert named(trace(artifact, suspect, store.fingerprint_key(), ACCOUNTS, null_draws=100)) is None
 
 
 def test_backends_without_fingerprints_serve_accounts_unmarked(tiny_build, tmp_path):
     artifact = tiny_build.artifact("plain")
-    store, _ = accounts_db(tmp_path / "accounts.db", DEFAULT_STRENGTH)
+    store, _ = accounts_db(tmp_path / "accounts.db", RECOMMENDED_STRENGTH)
     assert PrivateServer(artifact, accounts=store).fingerprint_key is None
     with pytest.raises(PrivloraError, match="fingerprints are added by"):
         trace(artifact, tmp_path, store.fingerprint_key(), ACCOUNTS)

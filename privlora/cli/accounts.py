@@ -7,7 +7,7 @@ import sys
 
 from privlora.cli.parsing import COUNT, NON_NEGATIVE, POSITIVE_INT, Subparsers, add_command, formatter
 from privlora.server.accounts import AccountLimits, AccountStore
-from privlora.server.fingerprints import RECOMMENDED_STRENGTH
+from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH
 
 
 def register(subparsers: Subparsers) -> None:
@@ -17,7 +17,9 @@ def register(subparsers: Subparsers) -> None:
     create = actions.add_parser("create", formatter_class=formatter, help="add an account and print its token (once)")
     create.add_argument("name", help="account name (letters, digits, _.@-)")
     create.add_argument("--max-rows", type=COUNT, default=AccountLimits.max_rows,
-                        help="query budget: rows of x per LoRA site, across all sessions and restarts (0: none)")
+                        help=f"query budget: rows of x per LoRA site, across all sessions and restarts (0: none). "
+                             f"Ordinary chats rebuild the adapter's function after about {CLONE_ROWS} rows per site "
+                             "(docs/security.md): a budget above that limits how much, not whether")
     create.add_argument("--max-sessions", type=POSITIVE_INT, default=AccountLimits.max_sessions,
                         help="sessions held at once (one more evicts the account's own oldest)")
     create.add_argument("--rate", type=NON_NEGATIVE, default=AccountLimits.rate,

@@ -25,6 +25,11 @@ from privlora.backends.pll import Fingerprint, SiteMark
 from privlora.core.types import PLLSite
 
 FINGERPRINT_SECRET_BYTES = 32
+# Measured (docs/security.md, "What ordinary use rebuilds"): the rows per site after which a
+# least-squares clone of SmolLM2 + the demo adapter answers as the adapter does, and the rows an
+# ordinary question and its answer take.
+CLONE_ROWS = 1000
+TOKENS_PER_EXCHANGE = 60
 # Of a B_hat column's size: a term about as large as the PLL error itself, which left SmolLM2's
 # greedy answers unchanged; off in a new database, because near-tied logits (tiny random models)
 # do flip (docs/security.md, "Fingerprints").

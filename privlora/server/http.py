@@ -52,6 +52,7 @@ from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, Hea
                                 read_stream_request, refusal_of, stream_reply)
 from privlora.server.accounts import Account, AccountStore
 from privlora.server.guard import ConnectionLimits, guarded_h11, header_bytes
+from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH, TOKENS_PER_EXCHANGE, FingerprintKey
 from privlora.server.hosting import Hosting
 from privlora.server.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.server.private import PrivateServer
@@ -370,6 +371,16 @@ def server_config(app: FastAPI, host: str, port: int, limits: BodyLimits = BodyL
                           timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
 
 
+def what_accounts_rebuild(key: FingerprintKey) -> str:
+    """The start-up line that tells the owner what a budget does not stop (docs/security.md)."""
+    marks = (f"fingerprints on (strength {key.strength:g}): a clone names its account (privlora attack trace)"
+             if key.enabled else "fingerprints off: a clone names no account (privlora accounts fingerprints "
+                                 f"--strength {RECOMMENDED_STRENGTH:g} to mark them)")
+    return (f"an account's ordinary chats rebuild the adapter's function after about {CLONE_ROWS} rows per LoRA site "
+            f"(about {CLONE_ROWS // TOKENS_PER_EXCHANGE} question-and-answer exchanges), well within a default budget; "
+            + marks)
+
+
 def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           limits: SessionLimits = SessionLimits(), accounts: str | Path | None = None, tls: TLS | None = None) -> None:
     configure_logging(log_level)
@@ -380,6 +391,7 @@ def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_l
                     "session (serve --accounts DB to require API tokens)", extra={"event": "accounts"})
     else:
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
+        log.warning(what_accounts_rebuild(store.fingerprint_key()), extra={"event": "accounts"})
     app = create_app(hosting)
     # Evaluations hold the GIL (SEAL's bindings never release it); the event loop, which reads every
     # caller's requests and writes every reply, waits a switch interval each time it needs it back.

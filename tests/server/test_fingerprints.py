@@ -77,3 +77,15 @@ def test_backends_without_fingerprints_serve_accounts_unmarked(tiny_build, tmp_p
     assert PrivateServer(artifact, accounts=store).fingerprint_key is None
     with pytest.raises(PrivloraError, match="fingerprints are added by"):
         trace(artifact, tmp_path, store.fingerprint_key(), ACCOUNTS)
+
+
+def test_the_owner_is_told_the_clone_point_at_start_and_in_the_help(capsys):
+    from privlora.cli.main import build_parser
+    from privlora.server.fingerprints import CLONE_ROWS, FingerprintKey
+    from privlora.server.http import what_accounts_rebuild
+
+    off, on = (what_accounts_rebuild(FingerprintKey(b"k" * 32, strength)) for strength in (0.0, RECOMMENDED_STRENGTH))
+    assert f"about {CLONE_ROWS} rows per LoRA site" in off and "fingerprints off" in off and "fingerprints on" in on
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["accounts", "create", "--help"])
+    assert f"about {CLONE_ROWS} rows per site" in " ".join(capsys.readouterr().out.split())

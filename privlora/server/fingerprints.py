@@ -30,10 +30,10 @@ FINGERPRINT_SECRET_BYTES = 32
 # ordinary question and its answer take.
 CLONE_ROWS = 1000
 TOKENS_PER_EXCHANGE = 60
-# Of a B_hat column's size: a term about as large as the PLL error itself, which left SmolLM2's
-# greedy answers unchanged; off in a new database, because near-tied logits (tiny random models)
-# do flip (docs/security.md, "Fingerprints").
-RECOMMENDED_STRENGTH = 0.005
+# Of a B_hat column's size: a term smaller than the PLL error itself, the largest measured that
+# left SmolLM2's greedy answers as the unmarked service gives them; off in a new database, because
+# near-tied logits (tiny random models) do flip (docs/security.md, "Fingerprints").
+RECOMMENDED_STRENGTH = 0.002
 DEFAULT_STRENGTH = 0.0
 
 

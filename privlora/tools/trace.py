@@ -29,6 +29,7 @@ from privlora.server.fingerprints import FingerprintKey, Suspect, account_finger
 
 MARKED_BACKENDS = ("bfv", "pads")  # the backends whose servers add fingerprints
 NULL_DRAWS = 200
+SPAN_TOLERANCE = 1e-6  # singular values of a suspect's A below this fraction of the largest are padding
 ALPHA = 0.01
 
 
@@ -76,8 +77,10 @@ def served_adapter(artifact: str | Path) -> ServedAdapter:
 
 
 def suspect_residuals(served: ServedAdapter, suspect_dir: str | Path) -> dict[str, np.ndarray]:
-    """``(W_suspect - W_served) A_hat^T`` [d_out, r] per site: all a rank-1 term in one column of
-    B can correlate with, so the projections below cost no d_out x d_in products."""
+    """``(W_suspect - W_served P) A_hat^T`` [d_out, r] per site, ``P`` the projection on the
+    inputs the suspect maps (the row space of its A): a clone fitted on rows that span less than
+    d_in is zero off their span, and comparing it with the whole served map there would only add
+    noise. ``A_hat^T``: all a rank-1 term in one column of B can correlate with."""
     suspect = read_adapter(suspect_dir)
     unknown = sorted(site.module for site in suspect.sites if site.module not in served.sites)
     if unknown or not suspect.sites:
@@ -86,7 +89,10 @@ def suspect_residuals(served: ServedAdapter, suspect_dir: str | Path) -> dict[st
     for site in suspect.sites:
         target = served.sites[site.module]
         weight = site.scaling * (site.lora_B.double() @ site.lora_A.double()).numpy()
-        residuals[site.module] = (weight - target.weight) @ target.a_hat.T.astype(np.float64)
+        _, values, rows = np.linalg.svd(site.lora_A.double().numpy(), full_matrices=False)
+        basis = rows[values > SPAN_TOLERANCE * values.max()].T  # [d_in, k]: the inputs the suspect maps (no padding)
+        a_t = target.a_hat.T.astype(np.float64)
+        residuals[site.module] = weight @ a_t - (target.weight @ basis) @ (basis.T @ a_t)
     return residuals
 
 

@@ -178,26 +178,6 @@ class Client:
         self.keygen.create_public_key(public)
         return frame([seal.to_bytes(public)])
 
-    def marked_b(self, fingerprint: Fingerprint) -> dict[str, np.ndarray]:
-        """Every group's B_hat with the fingerprint's marks added, site by site (its diagonal blocks)."""
-        marked = {}
-        for key, group in self.group_specs.items():
-            a_hat, b_hat = self.matrices[key]
-            b_marked, row, column = b_hat.copy(), 0, 0
-            for site in group.sites:
-                rows, columns = slice(row, row + site.d_out), slice(column, column + site.rank)
-                mark = fingerprint.marks.get(site.module)
-                if mark is not None:
-                    b_marked[rows, columns] += mark_offset(a_hat[columns], b_hat[rows, columns], mark,
-                                                           fingerprint.strength, self.pll, self.modulus)
-                row, column = row + site.d_out, column + site.rank
-            marked[key] = b_marked
-        return marked
-
-    def _b(self, group: GroupSpec, session: Session) -> np.ndarray:
-        """B_hat as this session's account is served it."""
-        return session.marked.get(group.key, self.matrices[group.key][1])
-
     def _layout(self, group: GroupSpec, message: int, rows: int) -> Layout:
         return message_layout(group, message, rows, self.bfv.poly_modulus_degree)
 

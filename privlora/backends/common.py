@@ -5,12 +5,33 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from privlora.backends.base import MessageOrderError, PayloadError
 from privlora.core.types import GroupSpec
+
+
+@dataclass(frozen=True)
+class WireValues:
+    """A group's first message as the server reads it: its numbers in order, the interval
+    ``[low, high)`` they lie in, and what they are. The client shows them beside its own x."""
+
+    values: np.ndarray
+    low: float
+    high: float
+    meaning: str
+
+
+def wire_values(client: Any, group: GroupSpec, request: bytes) -> WireValues:
+    """The numbers in ``request``: a backend client that knows its message's layout reads them
+    (``client.wire_values``); any other message is shown as the bytes it is (ciphertexts)."""
+    read = getattr(client, "wire_values", None)
+    if read is not None:
+        return read(group, request)
+    return WireValues(np.frombuffer(request, dtype=np.uint8), 0, 256, "the message's bytes (ciphertexts)")
 
 
 class OneMessage:

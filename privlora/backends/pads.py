@@ -39,7 +39,7 @@ import numpy as np
 from privlora.backends import bfv
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request, Send,
                                     Weights)
-from privlora.backends.common import check_message, delta_of, frame, rows_of, unframe
+from privlora.backends.common import WireValues, check_message, delta_of, frame, rows_of, unframe
 from privlora.backends.exchange import ExchangeCost
 from privlora.backends.pll import Fingerprint, PLLError, decode, encode_input
 
@@ -371,6 +371,13 @@ class Client(bfv.Client):
         u = (np.mod(x_hat, self.modulus).astype(np.uint64) - pads) & np.uint64(self.modulus - 1)
         request = frame([_ROWS.pack(len(rows)), ids.tobytes(), pack_values(u, self.bits)])
         return request, State(scale, leading, shares)
+
+    def wire_values(self, group: GroupSpec, request: bytes) -> WireValues:
+        """The padded rows ``x_hat - r mod p`` of an online message, as the server reads them."""
+        parts = unframe(request, 3)
+        (rows,) = _ROWS.unpack(parts[0])
+        return WireValues(unpack_values(parts[2], self.bits, rows * group.d_in), 0, self.modulus,
+                          f"x plus a one-time pad, mod 2^{self.bits}")
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: State) -> tuple[bytes, State]:
         raise MessageOrderError("the pads backend answers a group online in one message")

@@ -23,7 +23,8 @@ import numpy as np
 
 from privlora.backends.base import (BackendBuild, GroupSpec, MessageOrderError, PayloadError, PendingStore, Request,
                                     Weights)
-from privlora.backends.common import (KeylessClient, OneMessage, check_message, delta_of, pack, refuse_keys, rows_of, unpack)
+from privlora.backends.common import (KeylessClient, OneMessage, WireValues, check_message, delta_of, pack, refuse_keys,
+                                      rows_of, unpack)
 from privlora.backends.pll import (PLLError, PLLParams, QuantizedSite, decode, encode_input, finish_masked,
                                    masked_intermediate, pll_params, quantize_group, respond)
 
@@ -68,6 +69,12 @@ class Client(KeylessClient):
         x_hat, scale = encode_input(rows, self.params.x_bits)
         scale = np.where(np.abs(x_hat).max(axis=1, initial=0) > 0, scale, 0.0)  # a zero row decodes to 0
         return pack(x_hat), (scale, leading)
+
+    def wire_values(self, group: GroupSpec, request: bytes) -> WireValues:
+        """The quantized rows of x, in clear."""
+        bound = 2 ** (self.params.x_bits - 1)
+        return WireValues(unpack(request, np.int64, group.d_in).ravel(), -bound, bound,
+                          f"x in clear ({self.params.x_bits}-bit integers)")
 
     def advance(self, group: GroupSpec, message: int, reply: bytes, state: Any) -> tuple[bytes, Any]:
         if self.messages == 1:

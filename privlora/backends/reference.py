@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from privlora.backends.base import BackendBuild, GroupSpec, PendingStore, Request, Weights
-from privlora.backends.common import KeylessClient, OneMessage, check_message, delta_of, pack, refuse_keys, unpack
+from privlora.backends.common import (KeylessClient, OneMessage, WireValues, check_message, delta_of, pack, refuse_keys,
+                                      unpack)
 
 NAME = "reference"
 # the only top-level keys client_params (client/crypto.json) may have; tests/compiler/test_leakscan.py checks
@@ -35,6 +36,12 @@ class Client(KeylessClient):
 
     def decrypt(self, group: GroupSpec, reply: bytes, leading: tuple[int, ...]) -> np.ndarray:
         return delta_of(unpack(reply, np.float32, group.d_out), leading, group.d_out)
+
+    def wire_values(self, group: GroupSpec, request: bytes) -> WireValues:
+        """The rows of x, in clear."""
+        x = unpack(request, np.float32, group.d_in).ravel()
+        bound = float(np.abs(x).max(initial=0.0)) or 1.0
+        return WireValues(x, -bound, bound, "x in clear (float32)")
 
 
 class Server(OneMessage):

@@ -16,7 +16,7 @@ def register(subparsers: Subparsers) -> None:
     add_kept_pads_option(parser)
     add_record_option(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
-    add_sampling_options(parser, max_new_tokens=256, max_new_tokens_help="the longest answer",
+    add_sampling_options(parser, max_new_tokens_help="the longest answer",
                          top_p_help="nucleus sampling mass, in (0, 1]")
 
 

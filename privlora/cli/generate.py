@@ -22,8 +22,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the user's message")
     add_server_options(parser, server_help="privlora server (e.g. http://127.0.0.1:8000); default: an in-process "
                                            "server on the artifact")
-    add_sampling_options(parser, max_new_tokens=64,
-                         max_new_tokens_help="stop after N new tokens (at least 1; the prompt and N must fit the "
+    add_sampling_options(parser, max_new_tokens_help="stop after N new tokens (at least 1; the prompt and N must fit the "
                                              "model's context)",
                          top_p_help="with --temperature: sample from the smallest set of tokens of mass P, in (0, 1]")
     parser.add_argument("--raw", action="store_true",

@@ -11,15 +11,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from privlora.client.transports import TRANSPORTS, Credentials, Transport, http_transport
 from privlora.errors import UsageError
 from privlora.paths import DEMO_ADAPTER
-from privlora.cli.parsing import COUNT, NON_NEGATIVE, PORT, POSITIVE_INT, PROBABILITY, backend_option
+from privlora.cli.parsing import COUNT, NON_NEGATIVE, PORT, PROBABILITY, backend_option, number
 
 if TYPE_CHECKING:
     from privlora.client.assistant import Assistant
 
 TOKEN_ENV_VAR = "PRIVLORA_TOKEN"
+MAX_TOKENS = number(int, 1, MAX_NEW_TOKENS)
 SERVER_HELP = "privlora server hosting the artifacts (e.g. https://server:8000); default: an in-process server"
 
 
@@ -67,11 +69,11 @@ def add_credential_options(parser: argparse.ArgumentParser) -> None:
                         help="verify an https server against this CA certificate (default: the system's CAs)")
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int, max_new_tokens_help: str,
-                         top_p_help: str) -> None:
-    """How an answer is decoded; :func:`sampling` reads them."""
-    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=max_new_tokens, metavar="N",
-                        help=max_new_tokens_help)
+def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens_help: str, top_p_help: str) -> None:
+    """How an answer is decoded; :func:`sampling` reads them. The answer's length has one default
+    and one cap for every command (and the gateway)."""
+    parser.add_argument("--max-new-tokens", type=MAX_TOKENS, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"{max_new_tokens_help} (default {DEFAULT_MAX_NEW_TOKENS}, at most {MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, metavar="T",
                         help="0: greedy decoding; T > 0: sample from softmax(logits / T)")
     parser.add_argument("--top-p", type=PROBABILITY, default=1.0, metavar="P", help=top_p_help)

@@ -24,6 +24,7 @@ from privlora.client.generation import GenerationConfig, check_context, generate
 from privlora.client.timings import OfflineStats, StepStats, answer_report, offline_since
 from privlora.client.tokenizer import Message, load_client_tokenizer
 from privlora.client.transports import Transport
+from privlora.client.view import server_view
 
 log = logging.getLogger("privlora.client")
 
@@ -43,6 +44,7 @@ class Reply:
     eos_token: int | None = None  # the eos that ended the answer (not in ``tokens``)
     steps: list[StepStats] = field(default_factory=list)  # one per generated token, the prefill first
     offline: OfflineStats = field(default_factory=OfflineStats)  # pads made since the previous answer
+    server_view: dict[str, Any] | None = None  # what the server received for one group of the last token
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -59,7 +61,7 @@ class Reply:
     def report(self) -> dict[str, Any]:
         """What the answer took, measured: its speed, and what privacy cost it online and offline."""
         return {"first_token_s": self.first_token_s, "tokens_per_second": self.tokens_per_second,
-                "seconds": self.seconds, **answer_report(self.steps, self.offline)}
+                "seconds": self.seconds, **answer_report(self.steps, self.offline), "server_view": self.server_view}
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -110,6 +112,10 @@ class PadKeeper:
         if self._thread is not None:
             self._thread.join()
 
+    @property
+    def making(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def pause(self) -> None:
         self._stop.set()
         self.wait()
@@ -157,6 +163,14 @@ class Assistant:
         if self._keeper is not None:
             self._keeper.wait()
 
+    def pads(self) -> dict[str, Any] | None:
+        """The pads pool as the user's next answer will find it: rows ready in every group, the
+        rows kept ready between answers, and whether more are being made (None without pads)."""
+        ready = self.client.pads_ready()
+        if ready is None:
+            return None
+        return {"ready": ready, "kept": self._keep_pads, "making": self._keeper is not None and self._keeper.making}
+
     def close(self) -> None:
         """Stop making pads, then end the session."""
         if self._keeper is not None:
@@ -190,6 +204,7 @@ class Assistant:
             self._keeper.pause()
         stops = [s for s in stop if s]
         start, emitted, text, first_step = time.perf_counter(), 0, "", len(self.client.steps)
+        self.client.last_sent = None
         try:
             for token in generate(self.client, prompt, config):
                 if reply.first_token_s is None:
@@ -220,6 +235,8 @@ class Assistant:
             if self.client.recorder is not None:
                 self.client.recorder.save()
             reply.steps = self.client.steps[first_step:]
+            if self.client.last_sent is not None:
+                reply.server_view = server_view(self.client.crypto, self.client.last_sent)
             reply.offline = offline_since(self.client.offline, self._offline_seen)
             self._offline_seen = replace(self.client.offline)  # read while no pads are being made
             if self._keeper is not None:

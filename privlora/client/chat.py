@@ -11,6 +11,7 @@ from typing import TextIO
 
 from privlora.errors import PrivloraError
 from privlora.client.assistant import Assistant, Reply
+from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS
 
 PROMPT = "you> "
 ANSWER = "assistant> "
@@ -20,7 +21,7 @@ ANSWER = "assistant> "
 class ChatSession:
     assistant: Assistant
     system: str | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

@@ -3,11 +3,15 @@ generation behind it. Applications, SDKs and curl scripts that speak the OpenAI 
 on loopback; the prompt is encrypted here before anything leaves the machine, and the adapter
 stays on the privlora server (or, without ``--server``, in an in-process server).
 
-Routes: ``GET /v1/models``; ``POST /v1/chat/completions`` (``stream`` as Server-Sent Events
-ending with ``data: [DONE]``); ``GET /health``; ``GET /``, a chat page in the browser that uses
-the same API. Every answer carries what it cost, measured, in a ``privlora`` object beside the
-OpenAI fields (in the response, or in the stream's chunk with the ``finish_reason``), and is
-logged in one line. A streamed answer whose client goes away stops after its current token.
+Routes: ``GET /v1/models`` (each with its pads pool: rows ready, rows kept, being made);
+``POST /v1/chat/completions`` (``stream`` as Server-Sent Events ending with ``data: [DONE]``,
+with SSE comments ``: privlora pads|prefill DONE/TOTAL`` while the first token is awaited);
+``GET /health``; ``GET /``, a chat page in the browser that uses the same API. ``max_tokens``
+defaults to 256 and may be at most 1024, as for ``generate`` and ``chat``. Every answer carries
+what it cost, measured, in a ``privlora`` object beside the OpenAI fields (in the response, or
+in the stream's chunk with the ``finish_reason``), with what the server received for one group
+of its last token beside the client's own x; it is logged in one line. A streamed answer whose
+client goes away stops after its current token.
 Errors are OpenAI error objects:
 ``{"error": {"message", "type", "param", "code"}}`` with 400 for bad parameters, 404 for an
 unknown model, 413 when the conversation and ``max_tokens`` exceed the model's context, 429 when
@@ -20,13 +24,15 @@ in arrival order (asyncio's lock is first in, first out).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -37,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from privlora.errors import PrivloraError
 from privlora.client.assistant import Assistant, Reply
-from privlora.client.generation import ContextLengthError
+from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, ContextLengthError, GenerationConfig
 from privlora.client.transports import TransportError
 
 log = logging.getLogger("privlora.gateway")
@@ -124,8 +130,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise GatewayError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
-    max_tokens = _number(body, "max_completion_tokens", None, 1, integer=True)
-    max_tokens = _number(body, "max_tokens", max_tokens, 1, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", None, 1, MAX_NEW_TOKENS, integer=True)
+    max_tokens = _number(body, "max_tokens", max_tokens, 1, MAX_NEW_TOKENS, integer=True)
     stream_options = body.get("stream_options") or {}
     if not isinstance(body.get("stream", False), bool) or not isinstance(stream_options, dict):
         raise GatewayError(400, "'stream' must be a boolean and 'stream_options' an object", "stream")
@@ -149,7 +155,8 @@ class Model:
     def describe(self) -> dict[str, Any]:
         return {"id": self.assistant.name, "object": "model", "created": self.created, "owned_by": "privlora",
                 "artifact": self.assistant.artifact_id, "backend": self.assistant.client.backend_name,
-                "context_length": self.assistant.context_length}
+                "context_length": self.assistant.context_length, "max_tokens": MAX_NEW_TOKENS,
+                "pads": self.assistant.pads()}
 
 
 def _chunk(completion: str, model: str, created: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
@@ -245,7 +252,7 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
         except PrivloraError as exc:
             raise GatewayError(400, str(exc), "messages") from None
         room = assistant.context_length - len(prompt)
-        max_tokens = chat.max_tokens if chat.max_tokens is not None else room
+        max_tokens = chat.max_tokens if chat.max_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, room)
         if max_tokens < 1 or len(prompt) + max_tokens > assistant.context_length:
             raise GatewayError(413, f"the conversation is {len(prompt)} tokens and asks for up to {max_tokens} more: "
                                f"the model's context is {assistant.context_length}", "messages",
@@ -278,7 +285,10 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
                     yield _sse(_chunk(completion, assistant.name, created, {"role": "assistant", "content": ""},
                                       None))
                     try:
-                        async for piece in _in_thread(assistant.stream(prompt, config, reply, chat.stop)):
+                        async for piece in _in_thread(partial(_answer, assistant, prompt, config, reply, chat.stop)):
+                            if isinstance(piece, Progress):
+                                yield piece.comment()
+                                continue
                             yield _sse(_chunk(completion, assistant.name, created, {"content": piece}, None))
                     except Exception as exc:  # the status is sent already: the error goes in the stream
                         outcome = "error"
@@ -327,13 +337,50 @@ class _turn:
         self.model.lock.release()
 
 
-async def _in_thread(pieces: Any) -> AsyncIterator[str]:
-    """Run a blocking generator in a worker thread and yield its items here as they come. If the
-    consumer goes away (the HTTP client disconnected), the worker stops after its current item."""
+@dataclass(frozen=True)
+class Progress:
+    """How far the wait before the first token has gone: ``done`` of ``total`` groups, making pads
+    on the spot or in the prompt's prefill. Sent as an SSE comment, which OpenAI's clients skip
+    (the SSE format ignores comment lines) and the chat page reads."""
+
+    phase: str  # "pads" or "prefill"
+    done: int
+    total: int
+
+    def comment(self) -> bytes:
+        return f": privlora {self.phase} {self.done}/{self.total}\n\n".encode()
+
+
+def _answer(assistant: Assistant, prompt: list[int], config: GenerationConfig, reply: Reply, stop: Sequence[str],
+            emit: Callable[[Progress], None]) -> Iterator[str]:
+    """The answer's text, with the wait before its first token reported through ``emit``."""
+    client, total = assistant.client, assistant.client.groups_per_step
+    counts = {"pads": itertools.count(1), "prefill": itertools.count(1)}
+    client.on_pads = lambda: emit(Progress("pads", next(counts["pads"]), total))
+    client.on_group = lambda: emit(Progress("prefill", next(counts["prefill"]), total))
+
+    def first_token() -> None:
+        client.on_pads = client.on_group = None
+
+    try:
+        yield from assistant.stream(prompt, config, reply, stop, on_first_token=first_token)
+    finally:
+        first_token()
+
+
+async def _in_thread(start: Callable[[Callable[[Any], None]], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Run a blocking generator in a worker thread and yield its items here as they come, with
+    what it passes to its ``emit`` argument in between. If the consumer goes away (the HTTP client
+    disconnected), the worker stops after its current item."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancelled = threading.Event()
     end = object()
+
+    def emit(item: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    pieces = start(emit)
 
     def produce() -> None:
         try:

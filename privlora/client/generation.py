@@ -23,6 +23,10 @@ class ContextLengthError(UsageError):
     """The prompt and the tokens asked for do not fit the model's context."""
 
 
+DEFAULT_MAX_NEW_TOKENS = 256  # one default for generate, chat and the gateway
+MAX_NEW_TOKENS = 1024  # the longest answer one request may ask for: minutes at the slowest backend, not hours
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
     """Refuse, before any work, a generation that would run past the model's positions."""
     if prompt_tokens + max_new_tokens > context_length:
@@ -42,7 +46,7 @@ class CausalStep(Protocol):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from privlora import backends
-from privlora.backends.base import Preprocessing
+from privlora.backends.base import Preprocessing, Send
 from privlora.backends.exchange import ExchangeCost, exchange
 from privlora.core.artifact import CLIENT, CRYPTO, TOKENIZER_DIR, ArtifactError, Bundle, artifact_id, load_bundle
 from privlora.core.plan import PUBLIC, Plan, PlanStep, run_plan
@@ -44,6 +44,7 @@ from privlora.client.segments import Segment
 from privlora.client.timings import OfflineStats, StepStats
 from privlora.client.transcript import Recorder
 from privlora.client.transports import Transport, TransportError
+from privlora.client.view import Sent
 
 log = logging.getLogger("privlora.client")
 
@@ -106,7 +107,10 @@ class SecureClient:
         self.tokenizer_dir = tokenizer if tokenizer.is_dir() else None
         self.steps: list[StepStats] = []
         self.on_group: Callable[[], None] | None = None  # called after each group's exchange (progress)
+        self.on_pads: Callable[[], None] | None = None  # after each group's pads made on the spot (progress)
         self.recorder: Recorder | None = None  # keeps this client's (x, delta) rows: see transcript.py
+        self._watched = self._groups()[0].key if self.groups else None
+        self.last_sent: Sent | None = None  # the watched group's latest first message: see view.py
 
     def record(self, directory: str | Path) -> Recorder:
         """Keep every row this client sends and the delta it gets back, for ``Recorder.save``."""
@@ -158,20 +162,35 @@ class SecureClient:
             return result
         outputs: list[Any] = [None] * len(self.groups[step.name])
         for group in self.groups[step.name]:
-            outputs[group.output] = exchange(self.crypto, group, args[group.input], self._send(group), stats)
+            send = self._send(group)
+            if group.key == self._watched:
+                send = self._watching(group, args[group.input], send)
+            outputs[group.output] = exchange(self.crypto, group, args[group.input], send, stats)
             if self.recorder is not None:
                 self.recorder.observe(group, args[group.input], outputs[group.output])
             if self.on_group is not None:
                 self.on_group()
         return outputs
 
-    def _send(self, group: GroupSpec) -> Callable[[int, bytes], bytes]:
+    def _send(self, group: GroupSpec) -> Send:
         return partial(self.transport.evaluate, self.session, group.round, group.index)
+
+    def _watching(self, group: GroupSpec, x: np.ndarray, send: Send) -> Send:
+        """``send``, keeping the first message as it leaves (with x's last row) in ``last_sent``."""
+        rows = np.asarray(x).reshape(-1, group.d_in)
+
+        def watched(message: int, request: bytes) -> bytes:
+            if message == 0:
+                self.last_sent = Sent(group, rows[-1].copy(), request, len(rows))
+            return send(message, request)
+
+        return watched
 
     def _groups(self) -> list[GroupSpec]:
         return [group for groups in self.groups.values() for group in groups]
 
-    def _make_pads(self, levels: Sequence[int], stop: Callable[[], bool] = lambda: False) -> OfflineStats:
+    def _make_pads(self, levels: Sequence[int], stop: Callable[[], bool] = lambda: False,
+                   on_group: Callable[[], None] | None = None) -> OfflineStats:
         """Top every group's pool up to each level in turn, all groups to one level before any goes
         further, so that a stop leaves the pools even; ``stop`` is asked before each group (an
         answer that needs the client back)."""
@@ -185,6 +204,8 @@ class SecureClient:
                 if missing > 0:
                     self.pads.prepare(group, missing, self._send(group), cost)
                     produced[group.key] += missing
+                if on_group is not None:
+                    on_group()
         made = OfflineStats()
         made.add(max(produced.values(), default=0), cost)
         self.offline.add(made.rows, cost)
@@ -205,7 +226,7 @@ class SecureClient:
         """Pads for this step's rows, made now if the pool is short (and a batch ahead)."""
         if self.pads is None or all(self.pads.ready(group) >= rows for group in self._groups()):
             return
-        made = self._make_pads((rows + COLD_AHEAD,))
+        made = self._make_pads((rows + COLD_AHEAD,), on_group=self.on_pads)
         stats.offline_s += made.seconds
         stats.offline_rows += made.rows
 
@@ -241,6 +262,12 @@ class SecureClient:
     @property
     def groups_per_step(self) -> int:
         return sum(len(groups) for groups in self.groups.values())
+
+    def pads_ready(self) -> int | None:
+        """Rows every group's pool can answer now (None for a per-query backend)."""
+        if self.pads is None:
+            return None
+        return min((self.pads.ready(group) for group in self._groups()), default=0)
 
     def empty_cache(self, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.model.layers, batch_size, self.model.kv_heads, 0, self.model.head_dim)

@@ -7,6 +7,7 @@ log line for it. Screenshots go to $PRIVLORA_ARTIFACTS (default tests/artifacts,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -103,13 +104,18 @@ def answered(driver: webdriver.Chrome, state: str = "done") -> str:
     return messages(driver)[-1][1]
 
 
+def api_reply(stack: GatewayProcess, conversation: list[tuple[str, str]], model: str = "clinic",
+              max_tokens: int = TOKENS) -> dict[str, Any]:
+    """The gateway API's greedy reply to the same conversation."""
+    body = {"model": model, "messages": [{"role": r, "content": t} for r, t in conversation],
+            "max_tokens": max_tokens, "temperature": 0}
+    return httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()
+
+
 def api_answer(stack: GatewayProcess, conversation: list[tuple[str, str]], model: str = "clinic",
                max_tokens: int = TOKENS) -> str:
     """The greedy answer the gateway's API gives for the same conversation."""
-    body = {"model": model, "messages": [{"role": r, "content": t} for r, t in conversation],
-            "max_tokens": max_tokens, "temperature": 0}
-    return httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"][
-        "content"]
+    return api_reply(stack, conversation, model, max_tokens)["choices"][0]["message"]["content"]
 
 
 def screenshot(driver: webdriver.Chrome, name: str) -> Path:
@@ -138,12 +144,31 @@ def test_an_answer_streams_into_the_page_as_the_api_gives_it(page, stack, capsys
         assert float(shown[stat]) == pytest.approx(float(line[field]), abs=0.0006), stat
     assert float(shown["messages"]) >= TOKENS and float(shown["online data"]) > 0
     assert float(shown["offline data"]) > 0  # the first answer of a pads model: its pads were made for it
+    api = api_reply(stack, [("user", "hello")], model="legal")["privlora"]["server_view"]  # same greedy tokens
+    drawn = page.execute_script("return Object.fromEntries([...document.querySelectorAll('.view-row')]"
+                                ".map(r => [r.dataset.view, r.querySelector('.strip').dataset.values]))")
+    assert [float(v) for v in drawn["activation"].split(",")] == api["activation"]["strip"]  # the same x
+    assert len(drawn["received"].split(",")) == 64 and drawn["received"] != ",".join(map(str, api["received"]["strip"]))
+    assert "prefill" in page.execute_script("return document.querySelector('.message.assistant').dataset.phases")
+    assert page.execute_script("return document.querySelector('.message.assistant .progress').hidden")
     origins = page.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) == {stack.url}
     path = screenshot(page, "chat-page.png")
     with capsys.disabled():
         print(f"\nchat page: first text {first_text_s:.2f} s after Send, whole answer of {TOKENS} tokens; "
               f"screenshot {path}")
+
+
+def test_the_page_shows_the_pads_pool_filling_between_answers(page, stack):
+    """After an answer used pads, the gateway makes more while the user types; the page's line
+    follows the pool until it is warm again, and says so with the rows ready."""
+    ask(page, "hello")
+    answered(page)
+    state = until(page, "const p = document.getElementById('pads'); "
+                        "return !p.hidden && p.dataset.state === 'warm' && p.textContent")
+    kept = {m["id"]: m["pads"]["kept"] for m in httpx.get(stack.url + "/v1/models").json()["data"]}["clinic"]
+    shown = re.fullmatch(r"pads warm: (\d+) rows ready per group", state)
+    assert shown and int(shown[1]) >= kept == 256
 
 
 def test_a_second_turn_carries_the_first(page, stack):

@@ -9,12 +9,15 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
 import pytest
 
 from privlora.compiler.driver import compile_artifact
+from privlora.core.artifact import read_manifest
+from privlora.core.types import groups_from_rounds
 from privlora.tools.loadtest import ServerProcess
 from privlora.server.accounts import AccountStore
 from privlora.client.transports import Credentials, HttpTransport
@@ -75,6 +78,21 @@ def test_models_are_listed_by_name_and_id(client, artifacts):
     assert set(models) == {"clinic", "legal"}
     assert models["clinic"].owned_by == "privlora" and models["clinic"].model_extra["backend"] == "bfv"
     assert len(models["legal"].model_extra["artifact"]) == 64
+    assert models["clinic"].model_extra["max_tokens"] == 1024
+
+
+def test_models_show_their_pads_pool(client):
+    """The pads model's pool as the next answer finds it; a per-query model has none. Between
+    answers the gateway tops the pool up to the rows it keeps (256 by default)."""
+    deadline = time.monotonic() + 60
+    while True:
+        models = {model.id: model.model_extra for model in client.models.list().data}
+        pads = models["legal"]["pads"]
+        if (pads["ready"] >= pads["kept"] and not pads["making"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert models["clinic"]["pads"] is None
+    assert pads["kept"] == 256 and pads["ready"] >= 256 and pads["making"] is False
 
 
 @pytest.mark.parametrize("model", ["clinic", "legal"])
@@ -99,8 +117,9 @@ def test_raw_server_sent_events_end_with_done(stack, expected):
     with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    data = [line for line in lines if not line.startswith(": privlora ")]  # the prefill's progress (below)
+    assert all(line.startswith("data: ") for line in data) and data[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in data[:-1]]
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected["clinic"]
 
@@ -138,7 +157,9 @@ def test_bad_requests_get_openai_errors(client, stack):
     assert refused(stop=["a", "b", "c", "d", "e"])[0] == 400
     status, body = refused(messages=[{"role": "user", "content": "word " * 300}])
     assert status == 413 and body["code"] == "context_length_exceeded"
-    assert refused(max_tokens=10_000)[0] == 413
+    assert refused(max_tokens=1024)[0] == 413  # within the cap, beyond the tiny model's 256 positions
+    status, body = refused(max_tokens=1025)  # the cap, as for generate and chat
+    assert status == 400 and body["param"] == "max_tokens" and "1024" in body["message"]
     garbage = httpx.post(stack["url"] + "/v1/chat/completions", content=b"{not json", timeout=10)
     assert garbage.status_code == 400 and garbage.json()["error"]["type"] == "invalid_request_error"
 
@@ -181,12 +202,63 @@ def test_every_answer_carries_its_measured_cost(stack):
         assert online["messages"] >= TOKENS and online["bytes_up"] > 0 and online["bytes_down"] > 0
         assert 0 < cost["first_token_s"] < online["seconds"] <= cost["seconds"] and cost["tokens_per_second"] > 0
         assert (offline["rows"] > 0) == (model == "legal")  # pads: made between answers or on the spot
-        with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json={**body, "stream": True},
-                          timeout=60) as response:
-            events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
-                      if line and line != "data: [DONE]"]
+        events = streamed(stack, {**body, "stream": True})
         (last,) = [e for e in events if "privlora" in e]  # the chunk with the finish_reason, and no other
         assert last["choices"][0]["finish_reason"] == "length" and last["privlora"]["steps"] == TOKENS
+
+
+def streamed(stack, body) -> list[dict]:
+    """A streamed answer's data events (its comment lines apart)."""
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
+        return [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_the_prefill_is_reported_as_it_goes(stack, artifacts):
+    """SSE comments, which OpenAI's clients skip, one per group of the prefill, all before the
+    first text (the openai client's streams above read the same answers)."""
+    groups = len(groups_from_rounds(read_manifest(artifacts["legal"])["rounds"]))
+    body = {"model": "legal", "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0, "stream": True}
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    first_text = next(i for i, line in enumerate(lines) if '"content": "' in line and '"content": ""' not in line)
+    prefill = [line for line in lines if line.startswith(": privlora prefill ")]
+    assert prefill == [f": privlora prefill {i}/{groups}" for i in range(1, groups + 1)]
+    assert lines.index(prefill[-1]) < first_text
+
+
+def test_pads_made_on_the_spot_are_reported_before_the_prefill(tiny_build):
+    """A cold pool (no pads kept): the wait first makes every group's pads, then runs the prefill;
+    nothing is reported once the first token is out."""
+    from privlora.client.assistant import Assistant, Reply
+    from privlora.client.gateway import Progress, _answer
+    from privlora.local import local_transport
+
+    artifact = tiny_build.artifact("pads")
+    assistant = Assistant(artifact, local_transport(artifact), keep_pads=0)
+    emitted: list[Progress] = []
+    prompt = assistant.encode("hello")
+    pieces = list(_answer(assistant, prompt, assistant.config(TOKENS), Reply(len(prompt)), (), emitted.append))
+    assistant.close()
+    groups = assistant.client.groups_per_step
+    assert [(p.phase, p.done, p.total) for p in emitted] == (
+        [("pads", i, groups) for i in range(1, groups + 1)] + [("prefill", i, groups) for i in range(1, groups + 1)])
+    assert pieces and assistant.client.on_group is None and assistant.client.on_pads is None
+
+
+def test_what_the_server_received_is_shown_beside_the_clients_x(stack):
+    """The answer's picture of one group of its last token: for pads, the online message's
+    values are x plus a one-time pad (spread over the whole modulus, whatever x is); for bfv,
+    ciphertext bytes (spread over 0..255). What they show is measured in test_server_view."""
+    for model, meaning in (("legal", "one-time pad"), ("clinic", "bytes")):
+        body = {"model": model, "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0}
+        view = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=60).json()["privlora"]["server_view"]
+        received, activation = view["received"], view["activation"]
+        assert meaning in received["meaning"] and view["rows"] == 1 and view["message_bytes"] > 0
+        assert len(received["strip"]) == 64 and len(received["histogram"]) == 16
+        assert sum(received["histogram"]) == pytest.approx(1.0, abs=1e-3)
+        assert max(received["histogram"]) < 0.2  # spread out: uniform would be 1/16 per bin
+        assert activation["count"] == 64 and len(activation["strip"]) == 64  # the tiny model's d_in
 
 
 def test_one_log_line_per_answer_with_its_figures(stack):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from privlora.backends import available
@@ -30,16 +29,18 @@ def register(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from privlora.tools.bench import CASES, bench_site, render
+    from privlora.progress import Progress
     from privlora.tools.machine import report_machine
 
     machine = report_machine()
     cases = {name: CASES[name]() for name in args.site}
     results = []
-    for name in args.backend:  # backend-major: concrete's runtime threads must not slow the others
-        for case in cases.values():
-            repeats = args.repeats if args.repeats is not None else (2 if name == "concrete" else 5)
-            results.append(bench_site(name, case, repeats=repeats, options=dict(args.backend_option)))
-            print(render(results[-1:]).splitlines()[2], file=sys.stderr)
+    with Progress(len(args.backend) * len(cases), "bench", "backend x site") as progress:
+        for name in args.backend:  # backend-major: concrete's runtime threads must not slow the others
+            for case in cases.values():
+                repeats = args.repeats if args.repeats is not None else (2 if name == "concrete" else 5)
+                results.append(bench_site(name, case, repeats=repeats, options=dict(args.backend_option)))
+                progress.advance()
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine.to_json(), "sites": [r.to_json() for r in results]},

@@ -46,7 +46,6 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from privlora.client.assistant import Assistant, Reply
     from privlora.client.timings import render_timings, timing_report
-    from privlora.progress import Progress
 
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
@@ -65,17 +64,9 @@ def run(args: argparse.Namespace) -> int:
         made = client.prepare(args.pads)
         if not args.quiet and made.rows:
             print(f"pads: {made.rows:g} rows per group made in {made.seconds:.1f} s", file=sys.stderr)
-    prefill = None if args.quiet else Progress(client.groups_per_step, "prefill", "private groups")
-    client.on_group = prefill.advance if prefill else None
-
-    def prefilled() -> None:  # the prefill's bar gives way to the answer
-        client.on_group = None
-        if prefill is not None:
-            prefill.close()
-
     reply = Reply(prompt_tokens=len(prompt))
     try:
-        for piece in assistant.stream(prompt, config, reply, on_first_token=prefilled):
+        for piece in assistant.stream(prompt, config, reply, progress=None if args.quiet else sys.stderr):
             print(piece, end="", flush=True)
         print()
     finally:

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from privlora.core.artifact import CLIENT, TOKENIZER_DIR, artifact_id, load_bundle
 from privlora.errors import PrivloraError
+from privlora.progress import Progress
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, check_context, generate
 from privlora.client.timings import OfflineStats, StepStats, answer_report, offline_since
@@ -182,18 +183,26 @@ class Assistant:
                                 temperature=temperature or 1.0, top_p=top_p, eos_token_ids=self.eos, seed=seed)
 
     def stream(self, prompt: list[int], config: GenerationConfig, reply: Reply, stop: Sequence[str] = (),
-               on_first_token: Callable[[], None] | None = None) -> Iterator[str]:
+               on_first_token: Callable[[], None] | None = None, progress: TextIO | None = None) -> Iterator[str]:
         """Yield the answer's text in pieces as they become final, filling ``reply``;
-        ``on_first_token`` is called once the prefill is done, before any text."""
+        ``on_first_token`` is called once the prefill is done, before any text. With ``progress``,
+        the prefill's private groups are counted there (a bar on a terminal, one line in a log),
+        and the count ends before ``on_first_token``."""
         self.check(prompt, config)
         if self._keeper is not None:
             self._keeper.pause()
         stops = [s for s in stop if s]
         start, emitted, text, first_step = time.perf_counter(), 0, "", len(self.client.steps)
+        groups = self.client.groups_per_step
+        prefill = Progress(groups, "prefill", "private groups", progress) if progress is not None else None
+        self.client.on_group = prefill.advance if prefill is not None else None
         try:
             for token in generate(self.client, prompt, config):
                 if reply.first_token_s is None:
                     reply.first_token_s = time.perf_counter() - start
+                    self.client.on_group = None  # the decode steps are not the prefill's
+                    if prefill is not None:
+                        prefill.close()
                     if on_first_token is not None:
                         on_first_token()
                 if token in self.eos:
@@ -216,6 +225,9 @@ class Assistant:
                 yield text[emitted:]
             reply.text = text
         finally:
+            if prefill is not None and reply.first_token_s is None:  # the prefill failed
+                prefill.abandon()
+            self.client.on_group = None
             reply.seconds = time.perf_counter() - start
             if self.client.recorder is not None:
                 self.client.recorder.save()

@@ -1,7 +1,7 @@
 """``privlora chat``: an interactive conversation in the terminal. The conversation is kept
-across turns (each turn sends it whole through the chat template), tokens are printed as they
-are decoded, and every answer ends with a one-line timing summary. ``/reset`` starts over,
-``/exit`` (or end of input) quits."""
+across turns (each turn sends it whole through the chat template), a terminal sees the prefill's
+progress until the answer starts, tokens are printed as they are decoded, and every answer ends
+with a one-line timing summary. ``/reset`` starts over, ``/exit`` (or end of input) quits."""
 
 from __future__ import annotations
 
@@ -41,9 +41,14 @@ class ChatSession:
         room = assistant.context_length - len(prompt)
         config = assistant.config(min(self.max_new_tokens, max(room, 1)), self.temperature, self.top_p, self.seed)
         reply = Reply(prompt_tokens=len(prompt))
-        out.write(ANSWER)
-        out.flush()
-        for piece in assistant.stream(prompt, config, reply):
+
+        def answering() -> None:  # at the first token: until then a terminal's line is the prefill's bar
+            out.write(ANSWER)
+            out.flush()
+
+        # A pipe or a test gets the answer alone: only a terminal sees the prefill's progress.
+        for piece in assistant.stream(prompt, config, reply, on_first_token=answering,
+                                      progress=out if out.isatty() else None):
             out.write(piece)
             out.flush()
         out.write("\n")

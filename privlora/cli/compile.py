@@ -24,6 +24,8 @@ def register(subparsers: Subparsers) -> None:
                         help="also write the IR after every pass to DIR (the artifact always keeps a copy in ir/)")
     parser.add_argument("--debug", action="store_true", help="check every pass numerically on sample steps")
     parser.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the summary line, not a line per phase on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = compile_artifact(args.base, args.adapter, args.output, backend=args.backend,
                               dump_ir=Path(args.dump_ir) if args.dump_ir else None, debug=args.debug, force=args.force,
-                              backend_options=dict(args.backend_option))
+                              backend_options=dict(args.backend_option), quiet=args.quiet)
     print(f"wrote {report.artifact} in {report.seconds:.1f} s: {report.sites} LoRA sites, "
           f"{report.rounds} rounds and {report.segments} public segments per step; "
           f"client bundle {report.client_bytes / 1e6:.1f} MB, server bundle {report.server_bytes / 1e6:.2f} MB")

@@ -44,15 +44,16 @@ def register(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from privlora.client.assistant import Assistant, Reply
+    from privlora.client.generation import answer_length
     from privlora.client.timings import render_timings, timing_report
-    from privlora.progress import Progress
 
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     # The prompt is checked against the model before any key, session or encryption.
     assistant = Assistant(args.artifact, cache_keys=not args.no_key_cache, record=args.record)
     prompt = assistant.encode_raw(args.prompt) if args.raw else assistant.encode(args.prompt)
-    config = assistant.config(**sampling(args))
+    config = assistant.config(**{**sampling(args), "max_new_tokens": answer_length(
+        args.max_new_tokens, len(prompt), assistant.context_length)})
     assistant.check(prompt, config)
     server = transport(args, args.artifact)
     if args.backend_check:
@@ -64,17 +65,9 @@ def run(args: argparse.Namespace) -> int:
         made = client.prepare(args.pads)
         if not args.quiet and made.rows:
             print(f"pads: {made.rows:g} rows per group made in {made.seconds:.1f} s", file=sys.stderr)
-    prefill = None if args.quiet else Progress(client.groups_per_step, "prefill", "private groups")
-    client.on_group = prefill.advance if prefill else None
-
-    def prefilled() -> None:  # the prefill's bar gives way to the answer
-        client.on_group = None
-        if prefill is not None:
-            prefill.close()
-
     reply = Reply(prompt_tokens=len(prompt))
     try:
-        for piece in assistant.stream(prompt, config, reply, on_first_token=prefilled):
+        for piece in assistant.stream(prompt, config, reply, progress=None if args.quiet else sys.stderr):
             print(piece, end="", flush=True)
         print()
     finally:

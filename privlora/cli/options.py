@@ -72,8 +72,9 @@ def add_credential_options(parser: argparse.ArgumentParser) -> None:
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens_help: str, top_p_help: str) -> None:
     """How an answer is decoded; :func:`sampling` reads them. The answer's length has one default
     and one cap for every command (and the gateway)."""
-    parser.add_argument("--max-new-tokens", type=MAX_TOKENS, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                        help=f"{max_new_tokens_help} (default {DEFAULT_MAX_NEW_TOKENS}, at most {MAX_NEW_TOKENS})")
+    parser.add_argument("--max-new-tokens", type=MAX_TOKENS, default=None, metavar="N",
+                        help=f"{max_new_tokens_help} (default: {DEFAULT_MAX_NEW_TOKENS}, or the rest of the model's "
+                             f"context if less; at most {MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, metavar="T",
                         help="0: greedy decoding; T > 0: sample from softmax(logits / T)")
     parser.add_argument("--top-p", type=PROBABILITY, default=1.0, metavar="P", help=top_p_help)

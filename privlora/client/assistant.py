@@ -14,11 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from privlora.core.artifact import CLIENT, TOKENIZER_DIR, artifact_id, load_bundle
 from privlora.errors import PrivloraError
+from privlora.progress import Progress
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, check_context, generate
 from privlora.client.timings import OfflineStats, StepStats, answer_report, offline_since
@@ -79,6 +81,31 @@ def _stop_at(text: str, stops: Sequence[str], start: int) -> int | None:
     """Where the first stop string in ``text`` begins, looking from ``start`` on."""
     found = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
     return min(found) if found else None
+
+
+class _Wait:
+    """The wait before an answer's first token, reported as it goes to a bar (the prefill's groups)
+    and to a listener (each group's pads made on the spot, then each group of the prefill)."""
+
+    def __init__(self, groups: int, stream: TextIO | None, listener: Callable[[str, int, int], None] | None) -> None:
+        self.groups, self.listener = groups, listener
+        self.bar = Progress(groups, "prefill", "private groups", stream) if stream is not None else None
+        self.done = {"pads": 0, "prefill": 0}
+
+    def advance(self, phase: str) -> None:
+        self.done[phase] += 1
+        if self.bar is not None and phase == "prefill":
+            self.bar.advance()
+        if self.listener is not None:
+            self.listener(phase, self.done[phase], self.groups)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def abandon(self) -> None:
+        if self.bar is not None:
+            self.bar.abandon()
 
 
 FIRST_PADS = 64  # rows every group gets before any gets more: an answer that stops the keeper early finds some
@@ -196,19 +223,28 @@ class Assistant:
                                 temperature=temperature or 1.0, top_p=top_p, eos_token_ids=self.eos, seed=seed)
 
     def stream(self, prompt: list[int], config: GenerationConfig, reply: Reply, stop: Sequence[str] = (),
-               on_first_token: Callable[[], None] | None = None) -> Iterator[str]:
+               on_first_token: Callable[[], None] | None = None, progress: TextIO | None = None,
+               on_wait: Callable[[str, int, int], None] | None = None) -> Iterator[str]:
         """Yield the answer's text in pieces as they become final, filling ``reply``;
-        ``on_first_token`` is called once the prefill is done, before any text."""
+        ``on_first_token`` is called once the prefill is done, before any text. The wait before
+        it is reported as it goes: with ``progress``, the prefill's private groups are counted
+        there (a bar on a terminal, one line in a log), ending before ``on_first_token``; and
+        ``on_wait(phase, done, total)`` hears of each group's pads made on the spot ("pads") and
+        each group of the prefill ("prefill")."""
         self.check(prompt, config)
         if self._keeper is not None:
             self._keeper.pause()
         stops = [s for s in stop if s]
         start, emitted, text, first_step = time.perf_counter(), 0, "", len(self.client.steps)
         self.client.last_sent = None
+        wait = _Wait(self.client.groups_per_step, progress, on_wait)
+        self.client.on_pads, self.client.on_group = partial(wait.advance, "pads"), partial(wait.advance, "prefill")
         try:
             for token in generate(self.client, prompt, config):
                 if reply.first_token_s is None:
                     reply.first_token_s = time.perf_counter() - start
+                    self.client.on_pads = self.client.on_group = None  # the decode steps are not the wait's
+                    wait.close()
                     if on_first_token is not None:
                         on_first_token()
                 if token in self.eos:
@@ -231,6 +267,9 @@ class Assistant:
                 yield text[emitted:]
             reply.text = text
         finally:
+            if reply.first_token_s is None:  # the wait failed
+                wait.abandon()
+            self.client.on_pads = self.client.on_group = None
             reply.seconds = time.perf_counter() - start
             if self.client.recorder is not None:
                 self.client.recorder.save()

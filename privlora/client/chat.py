@@ -1,7 +1,7 @@
 """``privlora chat``: an interactive conversation in the terminal. The conversation is kept
-across turns (each turn sends it whole through the chat template), tokens are printed as they
-are decoded, and every answer ends with a one-line timing summary. ``/reset`` starts over,
-``/exit`` (or end of input) quits."""
+across turns (each turn sends it whole through the chat template), a terminal sees the prefill's
+progress until the answer starts, tokens are printed as they are decoded, and every answer ends
+with a one-line timing summary. ``/reset`` starts over, ``/exit`` (or end of input) quits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 
 from privlora.errors import PrivloraError
 from privlora.client.assistant import Assistant, Reply
-from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS
+from privlora.client.generation import answer_length
 
 PROMPT = "you> "
 ANSWER = "assistant> "
@@ -21,7 +21,7 @@ ANSWER = "assistant> "
 class ChatSession:
     assistant: Assistant
     system: str | None = None
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None  # None: the default, as for generate and the gateway
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -39,12 +39,18 @@ class ChatSession:
         conversation = [*self.messages, {"role": "user", "content": text}]
         assistant = self.assistant
         prompt = assistant.encode(conversation)
-        room = assistant.context_length - len(prompt)
-        config = assistant.config(min(self.max_new_tokens, max(room, 1)), self.temperature, self.top_p, self.seed)
+        room = assistant.context_length - len(prompt)  # a long conversation's answers get shorter
+        length = answer_length(self.max_new_tokens, len(prompt), assistant.context_length)
+        config = assistant.config(min(length, max(room, 1)), self.temperature, self.top_p, self.seed)
         reply = Reply(prompt_tokens=len(prompt))
-        out.write(ANSWER)
-        out.flush()
-        for piece in assistant.stream(prompt, config, reply):
+
+        def answering() -> None:  # at the first token: until then a terminal's line is the prefill's bar
+            out.write(ANSWER)
+            out.flush()
+
+        # A pipe or a test gets the answer alone: only a terminal sees the prefill's progress.
+        for piece in assistant.stream(prompt, config, reply, on_first_token=answering,
+                                      progress=out if out.isatty() else None):
             out.write(piece)
             out.flush()
         out.write("\n")

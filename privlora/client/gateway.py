@@ -24,7 +24,6 @@ in arrival order (asyncio's lock is first in, first out).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import threading
@@ -43,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from privlora.errors import PrivloraError
 from privlora.client.assistant import Assistant, Reply
-from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, ContextLengthError, GenerationConfig
+from privlora.client.generation import MAX_NEW_TOKENS, ContextLengthError, GenerationConfig, answer_length
 from privlora.client.transports import TransportError
 
 log = logging.getLogger("privlora.gateway")
@@ -251,8 +250,7 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
             prompt = assistant.encode(chat.messages)
         except PrivloraError as exc:
             raise GatewayError(400, str(exc), "messages") from None
-        room = assistant.context_length - len(prompt)
-        max_tokens = chat.max_tokens if chat.max_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, room)
+        max_tokens = answer_length(chat.max_tokens, len(prompt), assistant.context_length)
         if max_tokens < 1 or len(prompt) + max_tokens > assistant.context_length:
             raise GatewayError(413, f"the conversation is {len(prompt)} tokens and asks for up to {max_tokens} more: "
                                f"the model's context is {assistant.context_length}", "messages",
@@ -354,18 +352,8 @@ class Progress:
 def _answer(assistant: Assistant, prompt: list[int], config: GenerationConfig, reply: Reply, stop: Sequence[str],
             emit: Callable[[Progress], None]) -> Iterator[str]:
     """The answer's text, with the wait before its first token reported through ``emit``."""
-    client, total = assistant.client, assistant.client.groups_per_step
-    counts = {"pads": itertools.count(1), "prefill": itertools.count(1)}
-    client.on_pads = lambda: emit(Progress("pads", next(counts["pads"]), total))
-    client.on_group = lambda: emit(Progress("prefill", next(counts["prefill"]), total))
-
-    def first_token() -> None:
-        client.on_pads = client.on_group = None
-
-    try:
-        yield from assistant.stream(prompt, config, reply, stop, on_first_token=first_token)
-    finally:
-        first_token()
+    yield from assistant.stream(prompt, config, reply, stop,
+                                on_wait=lambda phase, done, total: emit(Progress(phase, done, total)))
 
 
 async def _in_thread(start: Callable[[Callable[[Any], None]], Iterator[Any]]) -> AsyncIterator[Any]:

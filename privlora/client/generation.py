@@ -27,8 +27,19 @@ DEFAULT_MAX_NEW_TOKENS = 256  # one default for generate, chat and the gateway
 MAX_NEW_TOKENS = 1024  # the longest answer one request may ask for: minutes at the slowest backend, not hours
 
 
+def answer_length(requested: int | None, prompt_tokens: int, context_length: int) -> int:
+    """The tokens an answer may take: as many as asked, else the default or the rest of the
+    context, whichever is less (at least 1: a full context is then refused by check_context)."""
+    if requested is not None:
+        return requested
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, context_length - prompt_tokens))
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
     """Refuse, before any work, a generation that would run past the model's positions."""
+    if prompt_tokens >= context_length:
+        raise ContextLengthError(f"a {prompt_tokens}-token prompt leaves no room for an answer in the model's context "
+                                 f"of {context_length} positions: shorten the prompt")
     if prompt_tokens + max_new_tokens > context_length:
         raise ContextLengthError(f"a {prompt_tokens}-token prompt and up to {max_new_tokens} new tokens exceed the "
                                  f"model's context of {context_length} positions: shorten the prompt or ask for fewer "

@@ -1,13 +1,16 @@
 """``privlora compile``: base model + adapter -> artifact directory.
 
-Steps: load and trace -> passes -> lower public segments to ONNX -> write the private weights of
-each round into the server bundle -> write the manifest with hashes.
+Phases, each told on one line as it ends (redrawn in place while it runs on a terminal): load ->
+trace and run the passes -> record each segment's arguments on the sample steps -> lower the
+public segments to ONNX -> lower the private rounds to the backend -> write the bundles and the
+manifest with hashes.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +22,13 @@ from torch.fx import GraphModule
 
 import privlora
 from privlora import backends
-from privlora.progress import Progress
+from privlora.progress import Phases
 from privlora.backends import DEFAULT_BACKEND
 from privlora.compiler.frontend import sample_steps
+from privlora.compiler.instruments import PassCount
 from privlora.compiler.ir import PrivateLinear
 from privlora.compiler.lower_onnx import LoweredSegment, lower_segment, segment_arguments
-from privlora.compiler.pipeline import compile_graph
+from privlora.compiler.pipeline import DEFAULT_PASSES, compile_graph
 from privlora.core.artifact import CLIENT, CRYPTO, IR, SERVER, SERVER_PROGRAM, TOKENIZER_DIR, ArtifactError, write_manifest
 from privlora.core.plan import PRIVATE, PUBLIC, Plan
 from privlora.core.types import groups_from_rounds
@@ -98,63 +102,76 @@ def _remove_written(output: Path, existed: bool) -> None:
 
 def compile_artifact(base: str, adapter: str | Path, output: str | Path, backend: str = DEFAULT_BACKEND,
                      dump_ir: Path | None = None, debug: bool = False, force: bool = False,
-                     backend_options: dict[str, Any] | None = None) -> CompileReport:
-    """Compile base + adapter into an artifact directory at ``output``. A compile that fails (or
-    is interrupted) removes what it wrote, so that a retry needs no ``--force``."""
+                     backend_options: dict[str, Any] | None = None, quiet: bool = False) -> CompileReport:
+    """Compile base + adapter into an artifact directory at ``output``, telling each phase on
+    stderr unless ``quiet``. A compile that fails (or is interrupted) removes what it wrote, so
+    that a retry needs no ``--force``."""
     backends.load(backend)  # fail before any work on an unknown name
     output = Path(output)
     existed = _prepare_output(output, force)
+    phases = Phases("compile", None if quiet else sys.stderr)
     try:
-        return _compile_into(base, adapter, output, backend, dump_ir, debug, backend_options or {})
+        return _compile_into(base, adapter, output, backend, dump_ir, debug, backend_options or {}, phases)
     except BaseException:
         _remove_written(output, existed)
         raise
 
 
 def _compile_into(base: str, adapter: str | Path, output: Path, backend: str, dump_ir: Path | None, debug: bool,
-                  backend_options: dict[str, Any]) -> CompileReport:
+                  backend_options: dict[str, Any], phases: Phases) -> CompileReport:
     start = time.perf_counter()
-    loaded = load_model(base, adapter)
-    compiled = compile_graph(loaded.model, dump_ir=output / IR, debug=debug)
-    if dump_ir is not None:
-        shutil.copytree(output / IR, dump_ir, dirs_exist_ok=True)
+    inputs = f"{Path(str(base)).name} + {Path(adapter).name}"
+    with phases.phase(f"loading {inputs}", f"loaded {inputs}"):
+        loaded = load_model(base, adapter)
+    passes = len(DEFAULT_PASSES)
+    with phases.phase(f"tracing and running {passes} passes", f"traced and ran {passes} passes",
+                      passes, "passes") as phase:
+        compiled = compile_graph(loaded.model, dump_ir=output / IR, debug=debug, observers=[PassCount(phase.advance)])
+        if dump_ir is not None:
+            shutil.copytree(output / IR, dump_ir, dirs_exist_ok=True)
     split, plan = compiled.graph_module, compiled.analyses.plan
-    arguments = segment_arguments(split, sample_steps(loaded.model))
-    segments = []
+    with phases.phase("recording each segment's arguments on the sample steps",
+                      "recorded each segment's arguments on the sample steps"):
+        arguments = segment_arguments(split, sample_steps(loaded.model))
     public = [s for s in plan.steps if s.kind == PUBLIC]
-    with Progress(len(public), "lower to ONNX", "segments") as progress:
+    with phases.phase(f"lowering {len(public)} public segments to ONNX",
+                      f"lowered {len(public)} public segments to ONNX", len(public), "segments") as phase:
+        segments = []
         for step in public:
             path = output / CLIENT / "segments" / f"{step.name}.onnx"
             segments.append(lower_segment(split.get_submodule(step.name), step.name,
                                           [args[step.name] for args in arguments], path))
-            progress.advance()
-    rounds, weights = round_programs(split, plan)
-    build = backends.load(backend).compile(groups_from_rounds(rounds), weights, backend_options)
-    (output / SERVER).mkdir(parents=True, exist_ok=True)
-    save_numpy({name: np.ascontiguousarray(t) for name, t in build.server_tensors.items()}, str(output / SERVER_PROGRAM))
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
-    (output / CRYPTO).write_text(json.dumps(build.client_params, indent=2) + "\n")
-    sites = compiled.analyses.sites
-    config = read_config(loaded.base_path)
-    manifest = {
-        "privlora_version": privlora.__version__,
-        "base": {"name": str(base), "model_type": config.get("model_type"), "config": config,
-                 "sha256": {p.name: file_sha256(p) for p in weight_files(loaded.base_path)}},
-        "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
-                    "target_modules": list(loaded.adapter.target_modules),
-                    "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
-        # The runtime and inspect know no architecture: they read the base model's shape here.
-        "model": asdict(describe(config)),
-        "backend": {"name": backend, "parameters": build.public_params, "messages": build.messages},
-        "plan": plan.to_json(),
-        "segments": [_segment_entry(segment, output) for segment in segments],
-        "rounds": rounds,
-        "sites": [asdict(site) for site in sites],
-        "schedule": compiled.analyses.schedule.to_json(),
-    }
-    write_manifest(output, manifest)
+            phase.advance()
+    with phases.phase(f"lowering {plan.rounds} private rounds to {backend}",
+                      f"lowered {plan.rounds} private rounds to {backend}"):
+        rounds, weights = round_programs(split, plan)
+        build = backends.load(backend).compile(groups_from_rounds(rounds), weights, backend_options)
+    with phases.phase("writing the bundles and manifest", "wrote the bundles and manifest"):
+        (output / SERVER).mkdir(parents=True, exist_ok=True)
+        save_numpy({name: np.ascontiguousarray(t) for name, t in build.server_tensors.items()},
+                   str(output / SERVER_PROGRAM))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
+        (output / CRYPTO).write_text(json.dumps(build.client_params, indent=2) + "\n")
+        config = read_config(loaded.base_path)
+        manifest = {
+            "privlora_version": privlora.__version__,
+            "base": {"name": str(base), "model_type": config.get("model_type"), "config": config,
+                     "sha256": {p.name: file_sha256(p) for p in weight_files(loaded.base_path)}},
+            "adapter": {"name": Path(adapter).name, "rank": loaded.adapter.rank, "alpha": loaded.adapter.alpha,
+                        "target_modules": list(loaded.adapter.target_modules),
+                        "sha256": {p.name: file_sha256(p) for p in sorted(Path(adapter).iterdir()) if p.is_file()}},
+            # The runtime and inspect know no architecture: they read the base model's shape here.
+            "model": asdict(describe(config)),
+            "backend": {"name": backend, "parameters": build.public_params, "messages": build.messages},
+            "plan": plan.to_json(),
+            "segments": [_segment_entry(segment, output) for segment in segments],
+            "rounds": rounds,
+            "sites": [asdict(site) for site in compiled.analyses.sites],
+            "schedule": compiled.analyses.schedule.to_json(),
+        }
+        write_manifest(output, manifest)
     sizes = {bundle: sum(p.stat().st_size for p in (output / bundle).rglob("*") if p.is_file())
              for bundle in (CLIENT, SERVER)}
-    return CompileReport(output, time.perf_counter() - start, len(sites), plan.rounds, len(segments),
-                         sizes[CLIENT], sizes[SERVER])
+    return CompileReport(output, time.perf_counter() - start, len(compiled.analyses.sites), plan.rounds,
+                         len(segments), sizes[CLIENT], sizes[SERVER])

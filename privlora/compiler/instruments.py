@@ -1,13 +1,14 @@
 """Pass instruments: observers of a PassManager run that are not part of any pass.
 
 ``IRDumper`` writes the IR after every pass (like MLIR's ``--print-ir-after-all``) with each
-pass's run time; ``NumericCheck`` (``--debug``) checks that every pass keeps the model's outputs.
+pass's run time; ``NumericCheck`` (``--debug``) checks that every pass keeps the model's outputs;
+``PassCount`` counts the passes done on the compile's progress line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,14 @@ class NumericCheck(Instrument):
 
     def after_pass(self, run: PassRun, gm: GraphModule, analyses: Analyses) -> None:
         compare_outputs(run.info.name, self.reference, sample_outputs(gm, self.samples), self.tolerance)
+
+
+class PassCount(Instrument):
+    """Calls ``advance`` after every pass (and after the instruments before it, such as the numeric
+    check), so that a terminal sees which of a long compile's passes it is at."""
+
+    def __init__(self, advance: Callable[[], None]) -> None:
+        self.advance = advance
+
+    def after_pass(self, run: PassRun, gm: GraphModule, analyses: Analyses) -> None:
+        self.advance()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,17 @@ class CompiledGraph:
 
 
 def compile_graph(model: nn.Module, dump_ir: Path | None = None, debug: bool = False,
-                  passes: list[Pass] | None = None) -> CompiledGraph:
+                  passes: list[Pass] | None = None, observers: Sequence[Instrument] = ()) -> CompiledGraph:
     """Trace ``model`` and run the passes; with ``debug`` every pass is checked numerically on a
     sample prefill and decode step; with ``dump_ir`` the IR after every pass is written there
-    (before the numeric check, so a pass that fails it leaves its IR to look at)."""
+    (before the numeric check, so a pass that fails it leaves its IR to look at); ``observers``
+    (progress) see each pass after both."""
     instruments: list[Instrument] = []
     if dump_ir is not None:
         instruments.append(IRDumper(dump_ir))
     if debug:
         instruments.append(NumericCheck(sample_steps(model)))
+    instruments.extend(observers)
     analyses = Analyses()
     manager = PassManager(passes if passes is not None else DEFAULT_PASSES, instruments)
     return CompiledGraph(manager.run(trace(model), analyses), analyses)

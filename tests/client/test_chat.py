@@ -1,9 +1,12 @@
 """`privlora chat` in a real pseudo-terminal: the conversation is kept across turns, `/reset`
 starts over, `/exit` quits, every answer ends with a timing line, and the first answer equals
-`privlora generate`'s for the same greedy question."""
+`privlora generate`'s for the same greedy question. A terminal sees the prefill's progress until
+the answer starts; a pipe gets the conversation alone."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pty
 import re
@@ -12,7 +15,9 @@ import subprocess
 import sys
 import time
 
+from support.terminal import FakeTerminal
 from privlora.client.assistant import Assistant, Reply
+from privlora.client.chat import ANSWER, PROMPT, ChatSession, run_chat
 from privlora.local import local_transport
 
 TOKENS = 5
@@ -65,6 +70,7 @@ def test_chat_in_a_terminal(tiny_build):
     chat.send("hello")
     turn = chat.expect("you> ")
     assert f"assistant> {first}\r\n" in turn  # the terminal turns each newline into CR LF
+    assert re.search(r"\rprefill: (\d+)/\1 private groups \[[^\]]*\]\x1b\[K\r\nassistant> ", turn), turn
     assert re.search(r"\[\d+ prompt tokens, 5 generated in [\d.]+ s: prefill [\d.]+ s, [\d.]+ tokens/s\]", turn)
     chat.send("and then")  # the second turn is answered with the first in the conversation
     assert f"assistant> {second}\r\n" in chat.expect("you> ")
@@ -75,3 +81,28 @@ def test_chat_in_a_terminal(tiny_build):
     chat.send("/exit")
     assert chat.process.wait(30) == 0
 
+
+def chat_once(artifact, out: io.StringIO) -> str:
+    """One greedy question through ``run_chat`` to ``out``, on a fresh in-process session: what it printed."""
+    assistant = Assistant(artifact, local_transport(artifact), cache_keys=False)
+    run_chat(ChatSession(assistant, max_new_tokens=TOKENS), stdin=io.StringIO("hello\n/exit\n"), out=out)
+    return out.getvalue()
+
+
+def answer_turn(printed: str) -> str:
+    """What the chat printed for its one question: after its prompt, before its timing line."""
+    return printed.split(PROMPT)[1].rstrip("\n").rpartition("\n")[0]
+
+
+def test_a_terminal_sees_the_prefill_then_the_answer(tiny_build):
+    artifact = tiny_build.artifact("bfv")
+    groups = sum(len(r["plls"]) for r in json.loads((artifact / "manifest.json").read_text())["rounds"])
+    plain = chat_once(artifact, io.StringIO())
+    assert "\r" not in plain and "\x1b" not in plain and "prefill:" not in plain, plain  # a pipe: no bar
+    answer = answer_turn(plain)
+    assert answer.startswith(ANSWER) and len(answer) > len(ANSWER), plain
+    bar, newline, after = answer_turn(chat_once(artifact, FakeTerminal())).partition("\n")
+    # Redrawn in place group by group up to all of them, then the answer on a line of its own.
+    assert re.fullmatch(rf"(\rprefill: \d+/{groups} private groups \[\d+:\d\d elapsed, ETA [^\]]+\]\x1b\[K)+", bar), bar
+    assert re.search(rf"\rprefill: {groups}/{groups} [^\r]*$", bar), bar
+    assert newline and after == answer  # the same answer as the pipe's, and no bar after it

@@ -19,3 +19,10 @@ class AdapterError(PrivloraError):
 
 class UsageError(PrivloraError):
     """A command-line argument is wrong (a missing file, options that go together, ...)."""
+
+
+class ListenError(PrivloraError):
+    """A serving command cannot listen where it was told to (a port in use, an address that is not
+    this machine's): the machine's state, not the command line, so exit code 1."""
+
+    exit_code = 1

@@ -29,6 +29,9 @@ class InProcessTransport:
     def info(self) -> dict[str, Any]:
         return self.hosting.health(self.authorization)
 
+    def models(self) -> list[dict[str, Any]]:
+        return self._call(self.hosting.models)["data"]
+
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         try:
             return method(self.hosting.account(self.authorization), *args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from privlora.cli.parsing import COUNT, NON_NEGATIVE, POSITIVE_INT, Subparsers, add_command, formatter
+from privlora.cli.parsing import COUNT, NON_NEGATIVE, POSITIVE_INT, Subparsers, add_command, formatter, table
 from privlora.server.accounts import AccountLimits, AccountStore
 from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH
 
@@ -67,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _usage_table(store: AccountStore) -> str:
-    """One row an account: its status, limits and what it has used, in aligned columns."""
-    rows = [("account", "status", "budget/site", "most used site", "sites", "rows in all", "sessions", "rate")]
+    """One row an account: its status, limits and what it has used, in aligned columns. Its
+    session quota, not its open sessions: those only the server holds (its health, to an admin)."""
+    rows = [("account", "status", "budget/site", "most used site", "sites", "rows in all", "max sessions", "rate")]
     for usage in store.usage():
         account, limits = usage.account, usage.account.limits
         status = "revoked" if account.revoked else ("admin" if account.admin else "active")
         rows.append((account.name, status, str(limits.max_rows or "none"), str(usage.max_site_rows),
                      str(usage.sites), str(usage.total_rows), str(limits.max_sessions),
                      f"{limits.rate:g}/s" if limits.rate else "none"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return table(rows)

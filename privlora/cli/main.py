@@ -12,16 +12,16 @@ from collections.abc import Sequence
 
 from privlora import __version__
 from privlora.cli import (accounts, attack, bench, chat, compile, demo, evaluate, finetune, gateway, generate, inspect,
-                          loadtest, prepare, serve)
+                          loadtest, models, prepare, serve)
 from privlora.cli.parsing import Parser, formatter
 from privlora.errors import PrivloraError
 
 # In the order `privlora --help` lists them.
-COMMANDS = (prepare, finetune, evaluate, compile, accounts, inspect, serve, generate, gateway, chat, loadtest, attack,
-            bench, demo)
+COMMANDS = (prepare, finetune, evaluate, compile, accounts, inspect, serve, models, generate, gateway, chat, loadtest,
+            attack, bench, demo)
 # The install role (pyproject extra) each command needs; the others need the full `compile` set.
-INSTALL_ROLES = {"generate": "client", "chat": "client", "inspect": "client", "gateway": "gateway", "serve": "server",
-                 "accounts": "server"}
+INSTALL_ROLES = {"generate": "client", "chat": "client", "inspect": "client", "models": "client", "gateway": "gateway",
+                 "serve": "server", "accounts": "server"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,13 +7,15 @@ option itself (name, type, default, metavar) still has one declaration."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privlora.client.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from privlora.client.transports import TRANSPORTS, Credentials, Transport, http_transport
-from privlora.errors import UsageError
+from privlora.errors import ListenError, UsageError
 from privlora.paths import DEMO_ADAPTER
 from privlora.cli.parsing import COUNT, NON_NEGATIVE, PORT, PROBABILITY, backend_option, number
 
@@ -51,6 +53,27 @@ def add_listen_options(parser: argparse.ArgumentParser, port: int) -> None:
     """Where a command that serves HTTP listens."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=PORT, default=port, help="port to listen on")
+
+
+def listening_socket(args: argparse.Namespace) -> socket.socket:
+    """The socket ``--host``/``--port`` name, bound before a command's banner and anything slow,
+    then handed to uvicorn (so that nothing takes the port in between): a port in use is one
+    line, not uvicorn's error after the banner. Bound as uvicorn binds, with SO_REUSEADDR, so
+    that a restart need not wait for the last run's connections to time out."""
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as exc:
+        listener.close()
+        raise ListenError(f"cannot listen on {args.host}:{args.port}: {_why_not(exc)}") from None
+    return listener
+
+
+def _why_not(exc: OSError) -> str:
+    """Why a bind failed, in the words of a one-line error, with the fix where there is one."""
+    reason = (exc.strerror or str(exc)).lower()
+    return f"{reason} (pass --port)" if exc.errno == errno.EADDRINUSE else reason
 
 
 def add_server_options(parser: argparse.ArgumentParser, server_help: str = SERVER_HELP) -> None:
@@ -115,11 +138,24 @@ def add_record_option(parser: argparse.ArgumentParser) -> None:
 
 def assistants(args: argparse.Namespace) -> list[Assistant]:
     """One assistant per artifact: on ``--server`` (which hosts them all), else each on an
-    in-process server of its own."""
+    in-process server of its own; each goes by the name its server gives it, so that the server,
+    its logs, ``privlora models`` and the gateway say the same (in process: its directory's)."""
     from privlora.client.assistant import Assistant
 
-    return [Assistant(artifact, transport(args, artifact), keep_pads=args.pads, record=getattr(args, "record", None))
-            for artifact in args.artifact]
+    made = []
+    for artifact in args.artifact:
+        assistant = Assistant(artifact, keep_pads=args.pads, record=getattr(args, "record", None))
+        link = transport(args, artifact)
+        assistant.name = served_name(link, assistant.artifact_id) or assistant.name
+        assistant.connect(link)
+        made.append(assistant)
+    return made
+
+
+def served_name(link: Transport, artifact: str) -> str | None:
+    """The name the server gives the artifact of this id; None where it does not host it (the
+    session it is then refused says so)."""
+    return next((model["id"] for model in link.models() if model["artifact"] == artifact), None)
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:

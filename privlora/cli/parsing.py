@@ -74,6 +74,20 @@ NON_NEGATIVE = number(float, 0)
 PROBABILITY = number(float, 0, 1, low_open=True)
 
 
+def model_name(text: str) -> str:
+    """An argparse type: a name a model goes by, printable and without spaces (it is one word of
+    a log line and of a table)."""
+    if not text or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected a name without spaces, got {text!r}")
+    return text
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Rows (the header first) in aligned columns, as every command prints a table."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
 def backend_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false), else as a string."""
     key, sep, value = text.partition("=")

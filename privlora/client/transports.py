@@ -40,6 +40,7 @@ class TransportError(PrivloraError):
 
 class Transport(Protocol):
     def info(self) -> dict[str, Any]: ...
+    def models(self) -> list[dict[str, Any]]: ...  # the hosted artifacts, by the names the server gives them
     def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str: ...
     def evaluate(self, session: str, round_name: str, index: int, message: int, payload: bytes) -> bytes: ...
     def close_session(self, session: str) -> None: ...
@@ -125,6 +126,9 @@ class HttpTransport:
 
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/health").json()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/models").json()["data"]
 
     def open_session(self, evaluation_keys: bytes, artifact: str | None = None) -> str:
         """A session on ``artifact`` (its id), which a server hosting several needs."""

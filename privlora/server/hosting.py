@@ -20,8 +20,8 @@ OPERATOR_FIELDS = frozenset({"sessions", "session_key_bytes", "requests_in_progr
 
 
 class Hosting:
-    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each with its own
-    sessions, limits and budgets, sharing one accounts database. A session id starts with its
+    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each under a name
+    of its own, with its own sessions, limits and budgets, sharing one accounts database. A session id starts with its
     artifact's id prefix, so a request naming a session reaches the right artifact."""
 
     def __init__(self, servers: list[PrivateServer], fair: FairLimits = FairLimits()) -> None:
@@ -31,6 +31,8 @@ class Hosting:
         self._by_prefix = {server.session_prefix: server for server in servers}
         if len(self._by_prefix) != len(servers):  # two ids sharing 12 hex digits: 2^-48
             raise ArtifactError("two artifacts share their id prefix")
+        if len({server.name for server in servers}) != len(servers):
+            raise ArtifactError("two hosted artifacts have the same name: give each its own")
         self.first = servers[0]
         self.accounts = self.first.accounts
         if any(server.accounts is not self.accounts for server in servers):
@@ -73,6 +75,11 @@ class Hosting:
 
     # The routes' work, for a caller authenticated first (so that a stranger learns nothing of
     # sessions, and sends no body before its token is checked).
+    def models(self, account: Account | None) -> dict[str, Any]:
+        """The hosted models by the names they are served under, the same for every account: what
+        it needs to choose one, nothing of other callers (no sessions, no memory)."""
+        return {"object": "list", "data": [server.model() for server in self.servers.values()]}
+
     def open_session(self, account: Account | None, artifact: str | None, evaluation_keys: bytes) -> str:
         return self.artifact(artifact).open_session(evaluation_keys, account)
 

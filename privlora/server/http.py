@@ -5,6 +5,8 @@ Routes (bodies are raw bytes, ``application/octet-stream``; errors are JSON ``{"
 
 - ``GET  /v1/health``: artifact id, backend, open sessions (never needs a token; with accounts a
   caller without a valid token sees only that the server is up, see ``Hosting.health``);
+- ``GET  /v1/models``: the hosted artifacts by name, with their ids, backends and adapters (any
+  caller the server admits; no sessions or memory, see ``Hosting.models``);
 - ``GET  /metrics``: Prometheus metrics (with accounts: an admin account's token);
 - ``POST /v1/sessions``: body = the client's evaluation keys -> ``{"session": id}``;
 - ``DELETE /v1/sessions/{id}``;
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sys
 import time
 from contextlib import ExitStack
@@ -180,6 +183,10 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
     async def health(request: Request) -> dict:
         return await run_in_threadpool(hosting.health, request.headers.get("authorization"))
 
+    @app.get(f"{API}/models")
+    async def models(request: Request) -> dict:
+        return hosting.models(await account(request))
+
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
         await run_in_threadpool(hosting.admin, request.headers.get("authorization"))
@@ -304,8 +311,8 @@ async def answer_frame(hosting: Hosting, authorization: str | None, session: str
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, message and the structured fields we attach."""
 
-    FIELDS = ("event", "session", "account", "artifact", "backend", "groups", "key_bytes", "round", "message_index",
-              "bytes_in", "bytes_out", "ms", "kind")
+    FIELDS = ("event", "model", "session", "account", "artifact", "backend", "groups", "key_bytes", "round",
+              "message_index", "bytes_in", "bytes_out", "ms", "kind")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
@@ -381,11 +388,13 @@ def what_accounts_rebuild(key: FingerprintKey) -> str:
             + marks)
 
 
-def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+def serve(hosted: dict[str, str], listener: socket.socket, log_level: str = "info",
           limits: SessionLimits = SessionLimits(), accounts: str | Path | None = None, tls: TLS | None = None) -> None:
+    """Serve each artifact of ``hosted`` (by the name it is served under) on ``listener``, a socket
+    bound by the caller before anything slow, so that a port in use is said at once and in one line."""
     configure_logging(log_level)
     store = AccountStore(accounts) if accounts is not None else None
-    hosting = Hosting([PrivateServer(artifact, limits, store) for artifact in artifacts])
+    hosting = Hosting([PrivateServer(artifact, limits, store, name=name) for name, artifact in hosted.items()])
     if store is None:
         log.warning("accounts off: anyone who can reach this port may open sessions, with a query budget per "
                     "session (serve --accounts DB to require API tokens)", extra={"event": "accounts"})
@@ -396,4 +405,5 @@ def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, log_l
     # Evaluations hold the GIL (SEAL's bindings never release it); the event loop, which reads every
     # caller's requests and writes every reply, waits a switch interval each time it needs it back.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run()
+    host, port = listener.getsockname()[:2]
+    GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run(sockets=[listener])

@@ -43,16 +43,25 @@ SESSION_PREFIX = 12  # hex digits of the artifact id that start each of its sess
 NO_IDLE_WORK = {"zero_pool": 0}  # the backend parameters that turn background work off
 
 
+def default_name(artifact: str | Path) -> str:
+    """The name an artifact is served under unless given one: its directory's, as the operator
+    typed it (a link keeps its own name), as the client's ``Assistant`` names it too."""
+    return Path(artifact).absolute().name
+
+
 class PrivateServer:
     def __init__(self, artifact: str | Path, limits: SessionLimits = SessionLimits(),
-                 accounts: AccountStore | None = None, idle_work: bool = True) -> None:
+                 accounts: AccountStore | None = None, idle_work: bool = True, name: str | None = None) -> None:
         """``idle_work`` False: no background work between requests (bfv's pool of encryptions of
         zero). In process with its own client, the server's idle time is the client's working time,
-        and a thread filling the pool then slows the client's public segments (docs/benchmarks.md)."""
+        and a thread filling the pool then slows the client's public segments (docs/benchmarks.md).
+        ``name``: what health, the models list and the logs call it (default: its directory's)."""
         bundle = load_bundle(artifact, SERVER)
         manifest = bundle.manifest
         self.artifact_id = artifact_id(artifact)
-        self.name = manifest["adapter"]["name"]  # readable; the id is what names it exactly
+        self.name = name or default_name(artifact)  # stable and readable; the id is what names it exactly
+        self.adapter_name = manifest["adapter"]["name"]  # the adapter's directory at compile time: not unique
+        self.base_name = Path(manifest["base"]["name"]).name  # without the compiling machine's path
         self.adapter_key = adapter_key(artifact)  # what the query budget is counted against
         self.session_prefix = self.artifact_id[:SESSION_PREFIX] + "."  # a hosting server routes sessions by it
         self.backend_name = manifest["backend"]["name"]
@@ -71,7 +80,7 @@ class PrivateServer:
         self.sessions = SessionTable(limits)
         self._account_buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
-        log.info("loaded artifact", extra={"event": "load", "artifact": self.artifact_id[:16],
+        log.info("loaded artifact", extra={"event": "load", "model": self.name, "artifact": self.artifact_id[:16],
                                            "backend": self.backend_name, "groups": len(self.groups),
                                            "fingerprints": self.fingerprint_key.strength if self.fingerprint_key else 0})
 
@@ -81,6 +90,12 @@ class PrivateServer:
         return {"artifact": self.artifact_id, "name": self.name, "adapter": self.adapter_key, "backend": self.backend_name,
                 "messages": self.backend.messages, "sessions": len(sessions), "groups": len(self.groups),
                 "session_key_bytes": sum(s.key_bytes for s in sessions)}
+
+    def model(self) -> dict[str, Any]:
+        """This artifact's entry in the models list: what a caller needs to choose it, and nothing
+        of other callers (no sessions, no memory), so that any account may read it."""
+        return {"id": self.name, "object": "model", "artifact": self.artifact_id, "backend": self.backend_name,
+                "adapter": self.adapter_name, "base": self.base_name, "groups": len(self.groups)}
 
     def new_session_id(self) -> str:
         return f"{self.session_prefix}{secrets.token_urlsafe(18)}"
@@ -100,13 +115,13 @@ class PrivateServer:
             bucket = self._bucket(account)
         self.sessions.add(session_id, Session(keys, len(evaluation_keys), _owner(account), bucket),
                           account.limits.max_sessions if account else None)
-        log.info("session opened", extra={"event": "open", "session": session_tag(session_id), "account": _owner(account),
-                                          "key_bytes": len(evaluation_keys)})
+        log.info("session opened", extra={"event": "open", "model": self.name, "session": session_tag(session_id),
+                                          "account": _owner(account), "key_bytes": len(evaluation_keys)})
         return session_id
 
     def close_session(self, session_id: str, account: Account | None = None) -> None:
         self.sessions.remove(session_id, _owner(account))
-        log.info("session closed", extra={"event": "close", "session": session_tag(session_id)})
+        log.info("session closed", extra={"event": "close", "model": self.name, "session": session_tag(session_id)})
 
     def _bucket(self, account: Account | None) -> TokenBucket:
         if account is None:

@@ -154,8 +154,8 @@ class ReplicaServer(PrivateServer):
     backend sessions it has loaded (least recently used out)."""
 
     def __init__(self, artifact: str | Path, limits: SessionLimits, accounts: AccountStore | None,
-                 directory: Any) -> None:
-        super().__init__(artifact, limits, accounts)
+                 directory: Any, name: str) -> None:
+        super().__init__(artifact, limits, accounts, name=name)
         self.directory = directory
         self._loaded: OrderedDict[str, Session] = OrderedDict()
         self._loaded_lock = threading.Lock()
@@ -175,7 +175,8 @@ class ReplicaServer(PrivateServer):
         session_id = self.new_session_id()
         _refusal(ray.get(self.directory.open.remote(session_id, evaluation_keys, account)))
         self._load(session_id, evaluation_keys, account)
-        log.info("session opened", extra={"event": "open", "account": account.name if account else None})
+        log.info("session opened", extra={"event": "open", "model": self.name,
+                                          "account": account.name if account else None})
         return session_id
 
     def close_session(self, session_id: str, account: Account | None = None) -> None:
@@ -204,17 +205,18 @@ class ReplicaServer(PrivateServer):
                 "replica": f"{socket.gethostname()}:{os.getpid()}"}
 
 
-def deployment(artifacts: list[str], limits: SessionLimits, accounts: str | None, scaling: Scaling):
-    """The Ray Serve application: one ingress deployment whose replicas each host every artifact."""
+def deployment(hosted: dict[str, str], limits: SessionLimits, accounts: str | None, scaling: Scaling):
+    """The Ray Serve application: one ingress deployment whose replicas each host every artifact
+    of ``hosted``, under the name it is served by (kept: the resolved path may have another)."""
     from privlora.server.http import create_app
 
-    artifacts = [str(Path(a).resolve()) for a in artifacts]
+    hosted = {name: str(Path(a).resolve()) for name, a in hosted.items()}
     accounts = str(Path(accounts).resolve()) if accounts else None
 
     def build_app():
         store = AccountStore(accounts) if accounts else None
         directory = ray.get_actor(DIRECTORY, namespace=NAMESPACE)
-        return create_app(Hosting([ReplicaServer(a, limits, store, directory) for a in artifacts]))
+        return create_app(Hosting([ReplicaServer(a, limits, store, directory, name) for name, a in hosted.items()]))
 
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": scaling.cpus_per_replica},
                                "max_ongoing_requests": 64}
@@ -241,10 +243,11 @@ def check_replicable(artifact: str) -> None:
                             f"{artifact} without --ray, or compile it with another backend")
 
 
-def serve_with_ray(artifacts: list[str], host: str, port: int, limits: SessionLimits, accounts: str | None,
+def serve_with_ray(hosted: dict[str, str], host: str, port: int, limits: SessionLimits, accounts: str | None,
                    scaling: Scaling, address: str | None, tls: Any = None) -> None:
-    """Start (or join) a Ray cluster, deploy, and serve until SIGTERM or Ctrl-C."""
-    for artifact in artifacts:  # again here, for callers other than the CLI
+    """Start (or join) a Ray cluster, deploy each artifact of ``hosted`` under its name, and serve
+    until SIGTERM or Ctrl-C. Ray Serve's proxy binds ``host:port`` itself, in its own actor."""
+    for artifact in hosted.values():  # again here, for callers other than the CLI
         check_replicable(artifact)
     if address is None:  # a cluster of this machine's own, never one that happens to be running
         ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
@@ -258,7 +261,7 @@ def serve_with_ray(artifacts: list[str], host: str, port: int, limits: SessionLi
     if tls is not None:
         http.update(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key))
     serve.start(http_options=http)
-    serve.run(deployment(artifacts, limits, accounts, scaling), name=APP, route_prefix="/")
+    serve.run(deployment(hosted, limits, accounts, scaling), name=APP, route_prefix="/")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

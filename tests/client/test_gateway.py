@@ -1,7 +1,8 @@
 """The OpenAI-compatible gateway in front of a server hosting two artifacts, driven by the
 official ``openai`` package and by raw HTTP: `privlora serve` (with accounts) and `privlora
 gateway` run as real processes on loopback, and every answer is compared with `privlora
-generate`'s for the same greedy request."""
+generate`'s for the same greedy request. The server names the models (``--name``), and the
+gateway calls them as the server does, whatever their directories are called."""
 
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ TOKENS = 6
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_build, tmp_path_factory):
-    """Two adapters on the tiny base, compiled into directories named for the models: one per-query
-    (bfv), one with pads (the default), hosted by one server."""
+    """Two adapters on the tiny base, one per-query (bfv), one with pads (the default), hosted by
+    one server under the names clinic and legal, in directories named otherwise."""
     from conftest import write_tiny_adapter
 
     root = tmp_path_factory.mktemp("gateway")
     second = write_tiny_adapter(tiny_build.base, root / "adapter-b", ["q_proj", "o_proj"], seed=5)
-    clinic = compile_artifact(str(tiny_build.base), tiny_build.adapter, root / "clinic", backend="bfv").artifact
-    legal = compile_artifact(str(tiny_build.base), second, root / "legal", backend="pads").artifact
+    clinic = compile_artifact(str(tiny_build.base), tiny_build.adapter, root / "build-1", backend="bfv").artifact
+    legal = compile_artifact(str(tiny_build.base), second, root / "build-2", backend="pads").artifact
     return {"clinic": clinic, "legal": legal}
 
 
@@ -53,7 +54,8 @@ def stack(artifacts, tmp_path_factory):
     """privlora serve (two artifacts, accounts) and privlora gateway in front of it, with a token."""
     accounts = AccountStore(tmp_path_factory.mktemp("accounts") / "accounts.db", create=True)
     token = accounts.create("gateway-user")
-    server = ServerProcess([artifacts["clinic"], artifacts["legal"]], "--accounts", str(accounts.path)).start()
+    server = ServerProcess([artifacts["clinic"], artifacts["legal"]], "--name", "clinic", "--name", "legal",
+                           "--accounts", str(accounts.path)).start()
     gateway = GatewayProcess([artifacts["clinic"], artifacts["legal"]], server.url, token).start()
     yield {"url": gateway.url, "server": server, "token": token, "operator": accounts.create("operator", admin=True),
            "gateway": gateway}
@@ -93,6 +95,15 @@ def test_models_show_their_pads_pool(client):
         time.sleep(0.5)
     assert models["clinic"]["pads"] is None
     assert pads["kept"] == 256 and pads["ready"] >= 256 and pads["making"] is False
+
+
+def test_the_gateway_names_each_model_as_the_server_does(client, stack):
+    """Not by its directory (build-1, build-2): the server's names, so that the server, its
+    logs, `privlora models` and the gateway all say the same."""
+    served = {m["id"]: m["artifact"] for m in HttpTransport(stack["server"].url, Credentials(stack["token"])).models()}
+    listed = {m.id: m.model_extra["artifact"] for m in client.models.list().data}
+    assert served == listed and set(listed) == {"clinic", "legal"}
+    assert stack["gateway"].output().startswith("privlora gateway: models clinic, legal on ")
 
 
 @pytest.mark.parametrize("model", ["clinic", "legal"])

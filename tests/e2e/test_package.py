@@ -28,8 +28,8 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-COMMANDS = ["prepare", "finetune", "evaluate", "compile", "inspect", "serve", "generate", "loadtest", "attack",
-            "bench", "demo"]
+COMMANDS = ["prepare", "finetune", "evaluate", "compile", "inspect", "serve", "models", "generate", "loadtest",
+            "attack", "bench", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -3,6 +3,7 @@ concurrency, session quotas that never let one account evict another's session."
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -59,6 +60,18 @@ def test_unknown_revoked_and_malformed(store, tmp_path):
     (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
     with pytest.raises(AccountError, match="not a privlora accounts database"):
         AccountStore(tmp_path / "junk.db")
+
+
+def test_accounts_list_shows_the_session_quota_as_such(store, capsys):
+    """The database holds each account's quota, not its open sessions (only the server knows
+    those): the column says "max sessions"."""
+    from privlora.cli import main
+
+    store.create("alice", AccountLimits(max_sessions=3))
+    assert main(["accounts", "list", "--db", str(store.path)]) == 0
+    header, alice = (re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines())
+    row = dict(zip(header, alice))
+    assert "sessions" not in row and row["max sessions"] == "3" and row["account"] == "alice"
 
 
 def test_the_budget_is_per_site_all_or_nothing_and_persists(store, tmp_path):

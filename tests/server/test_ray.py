@@ -35,7 +35,8 @@ def replicas(url: str, admin: str, probes: int = 40) -> set[str]:
 @pytest.fixture(scope="module")
 def cluster(tiny_build, tmp_path_factory):
     accounts = AccountStore(tmp_path_factory.mktemp("ray") / "accounts.db", create=True)
-    server = ServerProcess(tiny_build.artifact("bfv"), "--ray", "--replicas", "2", "--accounts", str(accounts.path))
+    server = ServerProcess(tiny_build.artifact("bfv"), "--ray", "--replicas", "2", "--accounts", str(accounts.path),
+                           "--name", "clinic")
     server.start(ready=False)
     server.wait_ready(timeout=240)
     yield server, accounts, accounts.create("operator", admin=True)
@@ -64,6 +65,15 @@ def test_two_replicas_serve_concurrent_clients_exactly(cluster, tiny_build):
     adapter = adapter_key(tiny_build.artifact("bfv"))
     for i, prompt in enumerate(PROMPTS):  # every row counted once, whichever replica evaluated it
         assert set(accounts.site_rows(f"user-{i}", adapter).values()) == {len(prompt) + CONFIG.max_new_tokens - 1}
+
+
+def test_every_replica_serves_the_artifact_under_its_name(cluster):
+    server, _, admin = cluster
+    headers = {"authorization": f"Bearer {admin}"}
+    for _ in range(8):  # whichever replica answers
+        health = httpx.get(f"{server.url}/v1/health", headers=headers, timeout=30).json()
+        models = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=30).json()["data"]
+        assert [a["name"] for a in health["artifacts"]] == [m["id"] for m in models] == ["clinic"]
 
 
 def test_a_generation_survives_its_replicas_being_killed(cluster, tiny_build):

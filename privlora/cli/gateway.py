@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from privlora.client.gateway import create_gateway
-    from privlora.server.http import UVICORN_PROTOCOLS
+    from privlora.core.wire import UVICORN_PROTOCOLS
 
     listener = listening_socket(args)  # before the models' keys and sessions: a port in use is one line
     models = assistants(args)

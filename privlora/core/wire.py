@@ -139,3 +139,9 @@ RECOVERABLE_CODES = frozenset({"unknown_session", "at_capacity", "message_order"
 def refusal_of(exc: BaseException) -> Refusal | None:
     """The refusal ``exc`` stands for, or None for an unexpected error."""
     return REFUSALS.get(type(exc))
+
+
+# The same uvicorn protocol implementations for the server and the gateway, whichever extras are
+# installed (Ray Serve's uvicorn[standard] brings httptools and uvloop), so that behaviour and
+# figures do not depend on the install role.
+UVICORN_PROTOCOLS: dict[str, str] = {"http": "h11", "loop": "asyncio", "ws": "websockets"}

@@ -51,8 +51,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, HeadersTooLargeError, TooLargeError,
-                                read_stream_request, refusal_of, stream_reply)
+from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, UVICORN_PROTOCOLS, HeadersTooLargeError,
+                                TooLargeError, read_stream_request, refusal_of, stream_reply)
 from privlora.server.accounts import Account, AccountStore
 from privlora.server.guard import ConnectionLimits, guarded_h11, header_bytes
 from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH, TOKENS_PER_EXCHANGE, FingerprintKey
@@ -75,9 +75,6 @@ class BodyLimits:
 KEEP_ALIVE_SECONDS = 120
 SHUTDOWN_GRACE_SECONDS = 60.0  # the longest a SIGTERM waits for in-flight work
 SWITCH_INTERVAL_SECONDS = 0.001  # Python's default is 0.005
-# The same protocol implementations whichever extras are installed (Ray Serve's uvicorn[standard]
-# brings httptools and uvloop), so that behaviour and figures do not depend on the install role.
-UVICORN_PROTOCOLS: dict[str, str] = {"http": "h11", "loop": "asyncio", "ws": "websockets"}
 
 
 class Drain:

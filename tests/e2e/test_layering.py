@@ -91,6 +91,19 @@ def test_no_library_module_imports_the_cli():
             if layer(source) != "cli" and any(layer(t) == "cli" for t in imports(path, top_level_only=False))] == []
 
 
+def test_the_user_side_commands_import_no_server_module():
+    """`generate`, `chat`, `gateway`, `models` and `inspect` run on the user's machine (the client
+    and gateway install roles): they reach a server's code only through privlora.local, for the
+    in-process default."""
+    from privlora.cli.main import INSTALL_ROLES
+
+    user_side = [f"privlora.cli.{command}" for command, role in INSTALL_ROLES.items() if role in {"client", "gateway"}]
+    assert {"privlora.cli.gateway", "privlora.cli.generate", "privlora.cli.models"} <= set(user_side)
+    wrong = sorted(f"{source} imports {target}" for source in [*user_side, "privlora.cli.options"]
+                   for target in imports(SOURCES[source], top_level_only=False) if layer(target) == "server")
+    assert wrong == []
+
+
 def test_no_import_cycle():
     """Depth-first search for a cycle among import-time imports of privlora modules."""
     graph = {source: {t for t in imports(path, top_level_only=True) if t in SOURCES} for source, path in SOURCES.items()}

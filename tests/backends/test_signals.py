@@ -1,8 +1,9 @@
-"""The root cause of the native crash seen in CI: concrete's compiler and runtime replace the
+"""Two ways concrete took over the process, both fixed in the backend. The root cause of the native
+crash seen in CI: concrete's compiler and runtime replace the
 process's signal handlers (SIGPIPE among them), so that after a circuit ran, writing to a
 connection the peer had closed aborted the process, and the abort handler's own recursion ended
 in SIGSEGV. The backend keeps the process's handlers; the control runs a circuit without that
-care and dies on the same write."""
+care and dies on the same write. And its exit hook, which turned every exit status into 0."""
 
 from __future__ import annotations
 
@@ -58,3 +59,30 @@ def test_this_process_keeps_its_handlers_too():
     import signal
 
     assert handlers()[signal.SIGPIPE] == int(signal.SIG_IGN)
+
+
+def exit_status(script: str) -> int:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=600).returncode
+
+
+def test_a_process_that_ran_the_concrete_backend_ends_with_its_own_exit_status(tiny_build):
+    """concrete registers an atexit callback that ends the process with exit(0) once a circuit has
+    run: a failing `privlora` command, or a pytest run with failures (CI), reported success. The
+    backend removes it; the control, a bare circuit, still exits 0 after sys.exit(3)."""
+    artifact = tiny_build.artifact("concrete")
+    assert exit_status(f"""
+        import sys
+        from privlora.local import open_local
+        from privlora.client.generation import GenerationConfig, generate
+        print(list(generate(open_local({str(artifact)!r}), [3, 4, 5], GenerationConfig(max_new_tokens=2))))
+        sys.exit(3)
+    """) == 3
+    assert exit_status("""
+        import sys
+        from concrete import fhe
+        @fhe.compiler({"x": "encrypted"})
+        def add_one(x):
+            return x + 1
+        print(add_one.compile(range(8)).encrypt_run_decrypt(3))
+        sys.exit(3)
+    """) == 0

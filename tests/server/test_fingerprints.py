@@ -57,7 +57,9 @@ def test_a_clone_names_the_account_whose_answers_it_was_fitted_on(tiny_build, tm
     found = named(scores)
     assert found is not None and found.account == "user7"
     assert found.carried == pytest.approx(1.0, abs=0.05) and found.p_value * len(ACCOUNTS) < 1e-6
-    assert all(score.p_value * len(ACCOUNTS) > 0.01 for score in scores[1:])  # no innocent account
+    # No innocent account comes near: under the null, one would pass this line with chance 1e-4 per
+    # run (the Bonferroni bound); at the naming line, 0.01, it would be 1 run in 100 (seen in CI).
+    assert all(score.p_value * len(ACCOUNTS) > 1e-4 for score in scores[1:])
 
 
 def test_control_a_clone_from_a_server_without_fingerprints_names_no_one(tiny_build, tmp_path):

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
                                burst=args.burst)
         token = store.create(args.name, limits, admin=args.admin)
         print(token)
-        print(f"created account {args.name!r}; the token above is shown once only (the database keeps its hash)",
-              file=sys.stderr)
+        print(f"created account {args.name!r}; its API token (on stdout) is shown this once only (the database "
+              "keeps its hash)", file=sys.stderr)
     elif args.action == "revoke":
         store.revoke(args.name)
         print(f"revoked account {args.name!r}", file=sys.stderr)

@@ -87,8 +87,8 @@ def _refusal(body: bytes) -> tuple[str, str | None]:
 def refused(what: str, status: int, body: bytes, credentials: Credentials) -> TransportError:
     """The TransportError of a refusal: its status, message and code, and for a missing token, the fix."""
     message, code = _refusal(body)
-    if code == "unauthenticated" and not credentials.token:
-        message += f" ({TOKEN_HINT})"
+    if code == "unauthenticated" and not credentials.token:  # the server's words are for raw HTTP
+        return TransportError(f"the server refused {what} ({status}): {TOKEN_HINT}", status, code)
     return TransportError(f"server refused {what}: {status} {message}", status, code)
 
 

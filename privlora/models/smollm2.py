@@ -8,10 +8,13 @@ Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer fil
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,9 +79,12 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     print(f"privlora: converting {gguf.name} to float32 safetensors in {out.parent} (once) ...")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the GGUF tokenizer's "legacy behaviour" notice is noise here
+    # transformers' tensor-by-tensor progress bar is for a terminal: in a log it is a line per redraw
+    bar = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = fix_special_tokens(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with bar:
+            tokenizer = fix_special_tokens(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -177,7 +177,7 @@ def bench_site(name: str, case: SiteCase, repeats: int = 5, options: dict | None
             timings[key].append(seconds * 1000)
 
     errors = []
-    for acc_group, acc_weights, acc_x in tqdm(case.accuracy, desc=f"{name} accuracy on {case.name}", unit="layer",
+    for acc_group, acc_weights, acc_x in tqdm(case.accuracy, desc=f"{name} accuracy on {case.name}", unit="layer", disable=None,
                                               leave=False):
         delta = exchange(client, acc_group, acc_x, local_send(server, acc_group, session)).astype(np.float64)
         expected = exact_delta(acc_group, acc_weights, acc_x)

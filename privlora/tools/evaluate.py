@@ -56,7 +56,7 @@ def evaluate_facts(model: CausalStep, tokenizer: PreTrainedTokenizerBase, pairs:
                    label: str = "evaluate", batch_size: int = EVAL_BATCH) -> FactReport:
     """Ask every question (in batches) and check each answer for its fact's keyword."""
     checks: list[FactCheck] = []
-    with tqdm(total=len(pairs), desc=label, unit="q") as bar:
+    with tqdm(total=len(pairs), desc=label, unit="q", disable=None) as bar:
         for first in range(0, len(pairs), batch_size):
             batch = pairs[first : first + batch_size]
             answers = ask_many(model, tokenizer, [pair.question for pair in batch])

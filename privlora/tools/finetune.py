@@ -114,7 +114,7 @@ def finetune(
     model.train()
     epoch_losses: list[float] = []
     start = time.perf_counter()
-    with tqdm(total=total_steps, desc="finetune", unit="step") as bar:
+    with tqdm(total=total_steps, desc="finetune", unit="step", disable=None) as bar:
         for epoch in range(config.epochs):
             random.shuffle(examples)
             losses = []

@@ -4,7 +4,9 @@ as soon as the page has loaded, while the gateway makes its first pads. Warm: a 
 question sent once the page's line says the pads pool is warm. Time from Send to the first words
 on the page, and the answer's own figures.
 
-    python benchmarks/bench_chat_page.py ARTIFACT [QUESTION]    # a pads artifact
+    python benchmarks/bench_chat_page.py ARTIFACT [SCREENSHOT.png]    # a pads artifact
+
+With SCREENSHOT, the page after the warm answer is saved there (README's picture).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 from selenium import webdriver
@@ -48,16 +51,18 @@ def first_answer(driver: webdriver.Chrome, question: str) -> dict[str, object]:
     words = time.perf_counter() - sent
     until(driver, "return document.body.dataset.busy === 'no'")
     shown = driver.execute_script("return Object.fromEntries([...document.querySelectorAll("
-                                  "'.message.assistant:last-child .stats span')].map(s => [s.dataset.stat, s.textContent]))")
+                                  "'.message.assistant:last-child .stats span')]"
+                                  ".map(s => [s.dataset.stat, s.textContent.slice(s.dataset.stat.length + 1)]))")
     return {"first words": f"{words:.1f} s", **shown}
 
 
 def main() -> None:
     report_machine()
-    artifact = sys.argv[1]
-    question = sys.argv[2] if len(sys.argv) > 2 else QUESTION
+    screenshot = sys.argv[2] if len(sys.argv) > 2 else None
+    artifact = Path(tempfile.mkdtemp()) / "clinic"  # the model's name on the page: its directory's
+    artifact.symlink_to(Path(sys.argv[1]).resolve(), target_is_directory=True)
     port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "privlora.cli", "gateway", artifact, "--port", str(port)],
+    gateway = subprocess.Popen([sys.executable, "-m", "privlora.cli", "gateway", str(artifact), "--port", str(port)],
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     options = webdriver.ChromeOptions()
@@ -76,12 +81,14 @@ def main() -> None:
                 time.sleep(0.2)
         driver.get(url)
         until(driver, "return document.body.dataset.ready === 'yes'")
-        rows = {"cold (sent as the page loaded)": first_answer(driver, question)}
+        rows = {"cold (sent as the page loaded)": first_answer(driver, QUESTION)}
         driver.find_element(By.ID, "new-chat").click()
         waited = time.perf_counter()
         until(driver, "return document.getElementById('pads').dataset.state === 'warm'")
         print(f"pads pool warm {time.perf_counter() - waited:.1f} s after the first answer", flush=True)
-        rows["warm (a new chat, pool warm)"] = first_answer(driver, question)
+        rows["warm (a new chat, pool warm)"] = first_answer(driver, QUESTION)
+        if screenshot:
+            driver.save_screenshot(screenshot)
     finally:
         driver.quit()
         gateway.terminate()

@@ -84,17 +84,22 @@ def _stop_at(text: str, stops: Sequence[str], start: int) -> int | None:
 
 
 class _Wait:
-    """The wait before an answer's first token, reported as it goes to a bar (the prefill's groups)
-    and to a listener (each group's pads made on the spot, then each group of the prefill)."""
+    """The wait before an answer's first token, reported as it goes: to a bar per phase (pads made
+    on the spot, then the prefill; each group counted) and to a listener of every group."""
+
+    LABELS = {"pads": "pads made now", "prefill": "prefill"}
 
     def __init__(self, groups: int, stream: TextIO | None, listener: Callable[[str, int, int], None] | None) -> None:
-        self.groups, self.listener = groups, listener
-        self.bar = Progress(groups, "prefill", "private groups", stream) if stream is not None else None
+        self.groups, self.stream, self.listener = groups, stream, listener
+        self.bar: Progress | None = None
         self.done = {"pads": 0, "prefill": 0}
 
     def advance(self, phase: str) -> None:
         self.done[phase] += 1
-        if self.bar is not None and phase == "prefill":
+        if self.stream is not None:
+            if self.bar is None or self.bar.label != self.LABELS[phase]:  # a new phase: the last one's bar ends
+                self.close()
+                self.bar = Progress(self.groups, self.LABELS[phase], "private groups", self.stream)
             self.bar.advance()
         if self.listener is not None:
             self.listener(phase, self.done[phase], self.groups)
@@ -102,10 +107,12 @@ class _Wait:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
     def abandon(self) -> None:
         if self.bar is not None:
             self.bar.abandon()
+            self.bar = None
 
 
 FIRST_PADS = 64  # rows every group gets before any gets more: an answer that stops the keeper early finds some

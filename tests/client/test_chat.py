@@ -106,3 +106,16 @@ def test_a_terminal_sees_the_prefill_then_the_answer(tiny_build):
     assert re.fullmatch(rf"(\rprefill: \d+/{groups} private groups \[\d+:\d\d elapsed, ETA [^\]]+\]\x1b\[K)+", bar), bar
     assert re.search(rf"\rprefill: {groups}/{groups} [^\r]*$", bar), bar
     assert newline and after == answer  # the same answer as the pipe's, and no bar after it
+
+
+def test_a_terminal_sees_the_pads_made_on_the_spot_before_the_prefill(tiny_build):
+    """A cold pool: the wait's first phase, pads for every group, gets its own bar, ended (on its
+    own line) before the prefill's bar starts."""
+    artifact = tiny_build.artifact("pads")
+    groups = sum(len(r["plls"]) for r in json.loads((artifact / "manifest.json").read_text())["rounds"])
+    assistant = Assistant(artifact, local_transport(artifact), cache_keys=False, keep_pads=0)
+    out = FakeTerminal()
+    run_chat(ChatSession(assistant, max_new_tokens=TOKENS), stdin=io.StringIO("hello\n/exit\n"), out=out)
+    pads, newline, rest = answer_turn(out.getvalue()).partition("\n")
+    assert re.search(rf"\rpads made now: {groups}/{groups} private groups [^\r]*$", pads), pads
+    assert newline and rest.startswith("\rprefill: 1/"), rest

@@ -284,7 +284,7 @@ def create_gateway(assistants: Sequence[Assistant]) -> FastAPI:
                                       None))
                     try:
                         async for piece in _in_thread(partial(_answer, assistant, prompt, config, reply, chat.stop)):
-                            if isinstance(piece, Progress):
+                            if isinstance(piece, WaitReport):
                                 yield piece.comment()
                                 continue
                             yield _sse(_chunk(completion, assistant.name, created, {"content": piece}, None))
@@ -336,7 +336,7 @@ class _turn:
 
 
 @dataclass(frozen=True)
-class Progress:
+class WaitReport:
     """How far the wait before the first token has gone: ``done`` of ``total`` groups, making pads
     on the spot or in the prompt's prefill. Sent as an SSE comment, which OpenAI's clients skip
     (the SSE format ignores comment lines) and the chat page reads."""
@@ -350,10 +350,10 @@ class Progress:
 
 
 def _answer(assistant: Assistant, prompt: list[int], config: GenerationConfig, reply: Reply, stop: Sequence[str],
-            emit: Callable[[Progress], None]) -> Iterator[str]:
+            emit: Callable[[WaitReport], None]) -> Iterator[str]:
     """The answer's text, with the wait before its first token reported through ``emit``."""
     yield from assistant.stream(prompt, config, reply, stop,
-                                on_wait=lambda phase, done, total: emit(Progress(phase, done, total)))
+                                on_wait=lambda phase, done, total: emit(WaitReport(phase, done, total)))
 
 
 async def _in_thread(start: Callable[[Callable[[Any], None]], Iterator[Any]]) -> AsyncIterator[Any]:

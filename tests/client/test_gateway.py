@@ -242,12 +242,12 @@ def test_pads_made_on_the_spot_are_reported_before_the_prefill(tiny_build):
     """A cold pool (no pads kept): the wait first makes every group's pads, then runs the prefill;
     nothing is reported once the first token is out."""
     from privlora.client.assistant import Assistant, Reply
-    from privlora.client.gateway import Progress, _answer
+    from privlora.client.gateway import WaitReport, _answer
     from privlora.local import local_transport
 
     artifact = tiny_build.artifact("pads")
     assistant = Assistant(artifact, local_transport(artifact), keep_pads=0)
-    emitted: list[Progress] = []
+    emitted: list[WaitReport] = []
     prompt = assistant.encode("hello")
     pieces = list(_answer(assistant, prompt, assistant.config(TOKENS), Reply(len(prompt)), (), emitted.append))
     assistant.close()

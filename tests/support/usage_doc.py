@@ -29,7 +29,7 @@ COMMAND_SECONDS = 900
 ENV_FILE = ".usage-doc-env"
 BACKGROUND = re.compile(r"\s&\s*(#.*)?$")  # `command &`, perhaps with a comment after it
 # Figures that change from run to run: a number with its unit, a hash, an API token, a time of day.
-FIGURE = re.compile(r"plk_[\w-]+|\b[0-9a-f]{12,}\b|\d+(?:[.,:]\d+)*(?:e[-+]?\d+)?(?: ?(?:[kMG]?B|ms|s)\b)?")
+FIGURE = re.compile(r"plk_[\w-]+|\b[0-9a-f]{12,}\b|\d+(?:[.,:]\d+)*(?:e[-+]?\d+)?(?: ?(?:[kKMG]?B|ms|s)\b)?")
 
 
 @dataclass

@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# The chat page tests drive Debian's headless Chromium through chromedriver; installed when missing
-# (as root in CI, else through sudo). Without apt-get, those tests are skipped and say why.
+# The chat page tests drive Debian's headless Chromium through chromedriver, and the usage page's
+# test runs curl and openssl as the page does; installed when missing (as root in CI, else
+# through sudo). Without apt-get, the chat page tests are skipped and say why.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v curl >/dev/null && \
+	  command -v openssl >/dev/null || \
 	  { command -v apt-get >/dev/null || { echo "no apt-get: the chat page tests will be skipped"; exit 0; }; \
-	    $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+	    $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      chromium chromium-driver curl openssl; }
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)

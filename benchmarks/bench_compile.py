@@ -76,7 +76,7 @@ def time_step(label, sample, model, split, runner, repeats) -> None:
         model(*sample.args())
 
     def compiled_full():
-        runner(*sample.args())
+        runner(*(tensor.numpy() for tensor in sample.args()))  # the client takes numpy arrays
 
     rows = [("public part, torch (fx segments)", median_ms(torch_public, repeats)),
             ("public part, ONNX Runtime", median_ms(ort_public, repeats)),

@@ -30,7 +30,7 @@ class InProcessTransport:
         return self.hosting.health(self.authorization)
 
     def models(self) -> list[dict[str, Any]]:
-        return self._call(self.hosting.models)["data"]
+        return self._call(lambda account: self.hosting.models())["data"]
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -412,6 +412,7 @@ class Server:
         """For every (row block, out block): the sum over input blocks of input x weight, out of NTT form."""
         for ct in inputs:
             self.evaluator.transform_to_ntt_inplace(ct)
+            pause_point()
         for i in range(layout.row_blocks):
             row = inputs[i * layout.in_blocks:(i + 1) * layout.in_blocks]
             for m in range(layout.out_blocks):

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve_with_ray(args: argparse.Namespace, hosted: dict[str, str], limits: SessionLimits, tls: TLS | None) -> int:
     """Ray Serve's proxy binds the port itself, in an actor of its own: nothing is bound here."""
-    from privlora.server.http import configure_logging
+    from privlora.server.logs import configure_logging
     from privlora.server.ray import Scaling, check_replicable, serve_with_ray
 
     for artifact in hosted.values():  # before the banner: nothing would be served

@@ -7,13 +7,16 @@ memory too.
 
 Why turns and not threads: the SEAL bindings hold the GIL, so evaluations in threads share one
 core however many run; what bounds a victim's slowdown is how many of the attacker's
-evaluations run beside its own, and how long it waits for a turn.
+evaluations run beside its own, and how long it waits for a turn. Turns are shared in time (a
+quantum), not in pause points: a caller whose work pauses often would otherwise wait a whole slice
+of another's long work at each of its own pause points.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +31,15 @@ class FairLimits:
     workers: int = 1  # evaluations at once, all callers together (SEAL holds the GIL: one is what runs)
     per_caller: int = 1  # evaluations at once of one caller
     requests: int = 8  # requests one caller may have in progress; more are refused (429)
+    # A turn is handed over at a pause point only after it has run this long: turns are shared in
+    # time, so that a caller's short evaluations (a decode step's groups) run straight through
+    # while another's long one waits at most this much (plus one unit of work) per handover.
+    quantum_seconds: float = 0.02
+
+
+@dataclass
+class _Held:
+    since: float  # when the turn was granted, or last given back after a pause
 
 
 class FairQueue:
@@ -62,8 +74,9 @@ class FairQueue:
         hold it for the block; at each of the work's pause points (``core/turns.py``) the turn goes
         to another caller that is waiting, and comes back in its turn."""
         self._wait(caller, next(self._tickets), first=False)
+        held = _Held(time.monotonic())
         try:
-            with pausing(lambda: self._pause(caller)):
+            with pausing(lambda: self._pause(caller, held)):
                 yield
         finally:
             self._release(caller)
@@ -85,13 +98,17 @@ class FairQueue:
                 del self._running[caller]
             self._cond.notify_all()
 
-    def _pause(self, caller: str) -> None:
-        """Hand the turn over if another caller waits for one, and wait for it to come back."""
+    def _pause(self, caller: str, held: _Held) -> None:
+        """Hand the turn over if it has run its quantum and another caller waits for one, and wait
+        for it to come back."""
+        if time.monotonic() - held.since < self.limits.quantum_seconds:
+            return
         with self._cond:
             if not any(other != caller for other in self._waiting):
                 return
         self._release(caller)
         self._wait(caller, next(self._tickets), first=True)
+        held.since = time.monotonic()
 
     def _next(self) -> tuple[str, int] | None:
         """The caller and ticket whose turn comes next, if a turn is free."""

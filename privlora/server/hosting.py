@@ -10,7 +10,7 @@ from typing import Any
 
 from privlora.core.artifact import ArtifactError
 from privlora.core.wire import AuthError, ForbiddenError, SessionError, UnknownArtifactError
-from privlora.server.accounts import Account
+from privlora.server.accounts import Account, AccountStore
 from privlora.server.fairness import FairLimits, FairQueue
 from privlora.server.private import SESSION_PREFIX, PrivateServer
 
@@ -19,24 +19,17 @@ OPERATOR_FIELDS = frozenset({"sessions", "session_key_bytes", "requests_in_progr
                              "peak_rss_bytes", "replica"})
 
 
-class Hosting:
-    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each under a name
-    of its own, with its own sessions, limits and budgets, sharing one accounts database. A session id starts with its
-    artifact's id prefix, so a request naming a session reaches the right artifact."""
+class HostingBase:
+    """What every hosting does before it touches an artifact: who the caller is (the accounts
+    database), how many of its requests are in progress (``fair.request``), and what it may see of
+    the server. :class:`Hosting` serves the artifacts in this process; the evaluation process of
+    ``server/evaluator.py`` serves them in a child process with the same methods."""
 
-    def __init__(self, servers: list[PrivateServer], fair: FairLimits = FairLimits()) -> None:
-        self.servers = {server.artifact_id: server for server in servers}
-        if len(self.servers) != len(servers):
-            raise ArtifactError("the same artifact is named twice")
-        self._by_prefix = {server.session_prefix: server for server in servers}
-        if len(self._by_prefix) != len(servers):  # two ids sharing 12 hex digits: 2^-48
-            raise ArtifactError("two artifacts share their id prefix")
-        if len({server.name for server in servers}) != len(servers):
-            raise ArtifactError("two hosted artifacts have the same name: give each its own")
-        self.first = servers[0]
-        self.accounts = self.first.accounts
-        if any(server.accounts is not self.accounts for server in servers):
-            raise ArtifactError("the hosted artifacts must share one accounts database (or none)")
+    def __init__(self, accounts: AccountStore | None, adapter_keys: list[str], models: list[dict[str, Any]],
+                 fair: FairLimits) -> None:
+        self.accounts = accounts
+        self.adapter_keys = adapter_keys  # the hosted adapters' keys, what budgets are counted against
+        self._models = models
         self.fair = FairQueue(fair)
 
     def account(self, authorization: str | None) -> Account | None:
@@ -55,6 +48,54 @@ class Hosting:
         account = self.account(authorization)
         if account is not None and not account.admin:
             raise ForbiddenError(f"account {account.name!r} is not an admin account")
+
+    def models(self) -> dict[str, Any]:
+        """The hosted models by the names they are served under, the same for every account: what
+        it needs to choose one, nothing of other callers (no sessions, no memory)."""
+        return {"object": "list", "data": self._models}
+
+    def caller(self, account: Account | None, session_id: str) -> str:
+        """Whose fair share a request draws on: its account's, or without accounts its session's."""
+        return f"account:{account.name}" if account is not None else f"session:{session_id}"
+
+    def health(self, authorization: str | None) -> dict[str, Any]:
+        """The health answer, as much as the caller may see: a stranger (no valid token on a server
+        with accounts) learns only that the server is up; an account, the hosted artifacts; an
+        admin (or anyone, without accounts), the sessions and memory too."""
+        try:
+            account = self.account(authorization)
+        except (AuthError, ForbiddenError):
+            return {"status": "ok", "accounts": True}
+        info = self.info()
+        if account is not None and not account.admin:
+            info = {key: value for key, value in info.items() if key not in OPERATOR_FIELDS}
+            info["artifacts"] = [{key: value for key, value in entry.items() if key not in OPERATOR_FIELDS}
+                                 for entry in info["artifacts"]]
+        return {"status": "ok", **info}
+
+    def info(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Hosting(HostingBase):
+    """The artifacts one server process hosts (``privlora serve ART1 ART2 ...``), each under a name
+    of its own, with its own sessions, limits and budgets, sharing one accounts database. A session id starts with its
+    artifact's id prefix, so a request naming a session reaches the right artifact."""
+
+    def __init__(self, servers: list[PrivateServer], fair: FairLimits = FairLimits()) -> None:
+        self.servers = {server.artifact_id: server for server in servers}
+        if len(self.servers) != len(servers):
+            raise ArtifactError("the same artifact is named twice")
+        self._by_prefix = {server.session_prefix: server for server in servers}
+        if len(self._by_prefix) != len(servers):  # two ids sharing 12 hex digits: 2^-48
+            raise ArtifactError("two artifacts share their id prefix")
+        if len({server.name for server in servers}) != len(servers):
+            raise ArtifactError("two hosted artifacts have the same name: give each its own")
+        self.first = servers[0]
+        if any(server.accounts is not self.first.accounts for server in servers):
+            raise ArtifactError("the hosted artifacts must share one accounts database (or none)")
+        super().__init__(self.first.accounts, sorted({server.adapter_key for server in servers}),
+                         [server.model() for server in servers], fair)
 
     def artifact(self, artifact: str | None) -> PrivateServer:
         """The hosted artifact of this id (or unique id prefix); with one hosted, None names it."""
@@ -75,11 +116,6 @@ class Hosting:
 
     # The routes' work, for a caller authenticated first (so that a stranger learns nothing of
     # sessions, and sends no body before its token is checked).
-    def models(self, account: Account | None) -> dict[str, Any]:
-        """The hosted models by the names they are served under, the same for every account: what
-        it needs to choose one, nothing of other callers (no sessions, no memory)."""
-        return {"object": "list", "data": [server.model() for server in self.servers.values()]}
-
     def open_session(self, account: Account | None, artifact: str | None, evaluation_keys: bytes) -> str:
         return self.artifact(artifact).open_session(evaluation_keys, account)
 
@@ -96,30 +132,11 @@ class Hosting:
         server.check_session(session_id, account)
         server.group(round_name, index, message)
 
-    def caller(self, account: Account | None, session_id: str) -> str:
-        """Whose fair share a request draws on: its account's, or without accounts its session's."""
-        return f"account:{account.name}" if account is not None else f"session:{session_id}"
-
     def evaluate(self, account: Account | None, session_id: str, round_name: str, index: int, message: int,
                  payload: bytes) -> bytes:
         server = self.session(session_id)
         with self.fair.turn(self.caller(account, session_id)):
             return server.evaluate(session_id, round_name, index, message, payload, account)
-
-    def health(self, authorization: str | None) -> dict[str, Any]:
-        """The health answer, as much as the caller may see: a stranger (no valid token on a server
-        with accounts) learns only that the server is up; an account, the hosted artifacts; an
-        admin (or anyone, without accounts), the sessions and memory too."""
-        try:
-            account = self.account(authorization)
-        except (AuthError, ForbiddenError):
-            return {"status": "ok", "accounts": True}
-        info = self.info()
-        if account is not None and not account.admin:
-            info = {key: value for key, value in info.items() if key not in OPERATOR_FIELDS}
-            info["artifacts"] = [{key: value for key, value in entry.items() if key not in OPERATOR_FIELDS}
-                                 for entry in info["artifacts"]]
-        return {"status": "ok", **info}
 
     def info(self) -> dict[str, Any]:
         """Everything health shows an operator: every hosted artifact, and with one, its fields at

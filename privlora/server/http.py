@@ -37,12 +37,12 @@ import asyncio
 import json
 import logging
 import socket
-import sys
 import time
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -52,11 +52,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privlora.core.wire import (API, HEARTBEAT, HEARTBEAT_SECONDS, REFUSALS, UVICORN_PROTOCOLS, HeadersTooLargeError,
-                                TooLargeError, read_stream_request, refusal_of, stream_reply)
+                                RateLimitError, TooLargeError, read_stream_request, refusal_of, stream_reply)
 from privlora.server.accounts import Account, AccountStore
 from privlora.server.guard import ConnectionLimits, guarded_h11, header_bytes
 from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH, TOKENS_PER_EXCHANGE, FingerprintKey
-from privlora.server.hosting import Hosting
+from privlora.server.evaluator import Hosted, HostingProcess
+from privlora.server.hosting import Hosting, HostingBase
+from privlora.server.logs import configure_logging
 from privlora.server.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits
@@ -73,8 +75,8 @@ class BodyLimits:
 # A client pauses between rounds while it runs the public segments and decrypts; uvicorn's
 # default of 5 s would close its connection under load (seen as "connection reset" in CI).
 KEEP_ALIVE_SECONDS = 120
+REFUSAL_PAUSE_SECONDS = 1.0  # before a 429 for too many requests in progress: its Retry-After
 SHUTDOWN_GRACE_SECONDS = 60.0  # the longest a SIGTERM waits for in-flight work
-SWITCH_INTERVAL_SECONDS = 0.001  # Python's default is 0.005
 
 
 class Drain:
@@ -143,6 +145,21 @@ class Instrumented:
             self.metrics.observe(route, scope["method"], status, time.perf_counter() - start)
 
 
+@asynccontextmanager
+async def in_progress(hosting: HostingBase, caller: str) -> AsyncIterator[None]:
+    """One of ``caller``'s requests in progress (``FairQueue.request``). A caller at its maximum
+    is refused only after the pause its Retry-After asks for, so that a client retrying at once
+    costs the server a refusal a second, not as many as it can send (each a connection, a token
+    check and an answer)."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(hosting.fair.request(caller))
+        except RateLimitError:
+            await asyncio.sleep(REFUSAL_PAUSE_SECONDS)
+            raise
+        yield
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -156,9 +173,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(),
+def create_app(hosted: HostingBase | PrivateServer, limits: BodyLimits = BodyLimits(),
                connections: ConnectionLimits = ConnectionLimits()) -> FastAPI:
-    hosting = hosted if isinstance(hosted, Hosting) else Hosting([hosted])
+    hosting = Hosting([hosted]) if isinstance(hosted, PrivateServer) else hosted
     app = FastAPI(title="privlora server", docs_url=None, redoc_url=None, openapi_url=None)
     metrics, drain = Metrics(hosting), Drain()
     app.state.drain = drain
@@ -182,7 +199,8 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
 
     @app.get(f"{API}/models")
     async def models(request: Request) -> dict:
-        return hosting.models(await account(request))
+        await account(request)
+        return hosting.models()
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
@@ -192,7 +210,7 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
     @app.post(f"{API}/sessions")
     async def open_session(request: Request) -> dict:
         caller = await account(request)  # before the body: a stranger's upload is never read
-        with hosting.fair.request(hosting.caller(caller, "new")):
+        async with in_progress(hosting, hosting.caller(caller, "new")):
             keys = await _read_body(request, limits.keys)
             artifact = request.query_params.get("artifact")
             return {"session": await run_in_threadpool(hosting.open_session, caller, artifact, keys)}
@@ -206,7 +224,7 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
     async def evaluate(session: str, round_name: str, index: int, message: int, request: Request) -> Response:
         caller = await account(request)
         await run_in_threadpool(hosting.check_round, caller, session, round_name, index, message)
-        with hosting.fair.request(hosting.caller(caller, session)):
+        async with in_progress(hosting, hosting.caller(caller, session)):
             payload = await _read_body(request, limits.round)
             reply = await run_in_threadpool(hosting.evaluate, caller, session, round_name, index, message, payload)
         return Response(reply, media_type="application/octet-stream")
@@ -221,13 +239,13 @@ def create_app(hosted: Hosting | PrivateServer, limits: BodyLimits = BodyLimits(
         or a shutdown (1012, after answering the frame in flight). While a frame takes longer
         than a heartbeat period, heartbeat frames (status 102) tell the client the server lives."""
         authorization = socket.headers.get("authorization")
-        with ExitStack() as held:
+        async with AsyncExitStack() as held:
             try:
                 if header_bytes(socket.scope) > connections.max_header_bytes:
                     raise HeadersTooLargeError("request headers too large")
                 caller = await account(socket)
                 await run_in_threadpool(hosting.check_session, caller, session)
-                held.enter_context(hosting.fair.request(hosting.caller(caller, session)))
+                await held.enter_async_context(in_progress(hosting, hosting.caller(caller, session)))
             except Exception as exc:
                 status, body = refusal_body(exc)
                 metrics.refusals.labels(body["code"]).inc()
@@ -305,27 +323,6 @@ async def answer_frame(hosting: Hosting, authorization: str | None, session: str
         return status, json.dumps(body).encode()
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message and the structured fields we attach."""
-
-    FIELDS = ("event", "model", "session", "account", "artifact", "backend", "groups", "key_bytes", "round",
-              "message_index", "bytes_in", "bytes_out", "ms", "kind")
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
-        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
-        return json.dumps(entry)
-
-
-def configure_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    logger = logging.getLogger("privlora")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
-
-
 class GracefulServer(uvicorn.Server):
     """uvicorn, except that a shutdown first lets the work in flight finish: uvicorn itself
     waits for HTTP requests but cuts WebSockets at once, which would drop a stream frame being
@@ -391,7 +388,7 @@ def serve(hosted: dict[str, str], listener: socket.socket, log_level: str = "inf
     bound by the caller before anything slow, so that a port in use is said at once and in one line."""
     configure_logging(log_level)
     store = AccountStore(accounts) if accounts is not None else None
-    hosting = Hosting([PrivateServer(artifact, limits, store, name=name) for name, artifact in hosted.items()])
+    hosting = HostingProcess(Hosted(hosted, limits, str(accounts) if accounts is not None else None, log_level), store)
     if store is None:
         log.warning("accounts off: anyone who can reach this port may open sessions, with a query budget per "
                     "session (serve --accounts DB to require API tokens)", extra={"event": "accounts"})
@@ -399,8 +396,8 @@ def serve(hosted: dict[str, str], listener: socket.socket, log_level: str = "inf
         log.info(f"accounts on: {len(store.usage())} in {store.path}", extra={"event": "accounts"})
         log.warning(what_accounts_rebuild(store.fingerprint_key()), extra={"event": "accounts"})
     app = create_app(hosting)
-    # Evaluations hold the GIL (SEAL's bindings never release it); the event loop, which reads every
-    # caller's requests and writes every reply, waits a switch interval each time it needs it back.
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     host, port = listener.getsockname()[:2]
-    GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run(sockets=[listener])
+    try:
+        GracefulServer(server_config(app, host, port, tls=tls), app.state.drain).run(sockets=[listener])
+    finally:
+        hosting.close()

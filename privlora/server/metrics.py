@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from privlora.server.hosting import Hosting
+from privlora.server.hosting import HostingBase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
@@ -24,7 +24,7 @@ STREAM_ROUTE = "/v1/sessions/{session}/stream"
 class _ServerState(Collector):
     """Figures read from the server (and its accounts database) at scrape time."""
 
-    def __init__(self, hosting: Hosting) -> None:
+    def __init__(self, hosting: HostingBase) -> None:
         self.hosting = hosting
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -38,7 +38,7 @@ class _ServerState(Collector):
                                  "site of an adapter (what the per-site budget bounds)", labels=["account", "adapter"])
         budget = GaugeMetricFamily("privlora_account_budget_rows", "An account's budget in rows per LoRA site",
                                    labels=["account"])
-        for adapter in sorted({server.adapter_key for server in self.hosting.servers.values()}):
+        for adapter in self.hosting.adapter_keys:
             for usage in self.hosting.accounts.usage(adapter):
                 rows.add_metric([usage.account.name, adapter[:16]], usage.max_site_rows)
         for usage in self.hosting.accounts.usage():
@@ -49,7 +49,7 @@ class _ServerState(Collector):
 
 
 class Metrics:
-    def __init__(self, hosting: Hosting) -> None:
+    def __init__(self, hosting: HostingBase) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("privlora_requests", "Requests (and stream frames) by route and status",
                                 ["route", "method", "status"], registry=self.registry)

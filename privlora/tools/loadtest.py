@@ -246,14 +246,25 @@ def _status_bytes(pid: int, field_name: str) -> int:
     return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server is its front and its evaluation process)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid, *(descendant for child in children for descendant in process_tree(child))]
+
+
 def peak_rss_bytes(pid: int) -> int:
-    """A live process's peak resident memory (Linux ``VmHWM``), 0 when unreadable."""
-    return _status_bytes(pid, "VmHWM:")
+    """A live process tree's peak resident memory (Linux ``VmHWM``, summed), 0 when unreadable."""
+    return sum(_status_bytes(member, "VmHWM:") for member in process_tree(pid))
 
 
 def rss_bytes(pid: int) -> int:
-    """A live process's resident memory now (Linux ``VmRSS``), 0 when unreadable."""
-    return _status_bytes(pid, "VmRSS:")
+    """A live process tree's resident memory now (Linux ``VmRSS``, summed), 0 when unreadable."""
+    return sum(_status_bytes(member, "VmRSS:") for member in process_tree(pid))
 
 
 FAULTS = ("restart", "drop")  # the soak's default faults

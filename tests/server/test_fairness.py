@@ -8,16 +8,20 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
+from websockets.sync.client import connect
 
+from support.live import LiveServer
 from privlora.client.generation import GenerationConfig, generate
 from privlora.client.secure import SecureClient
-from privlora.client.transports import TransportError
+from privlora.client.transports import HttpTransport, TransportError
 from privlora.core.artifact import adapter_key, artifact_id
 from privlora.core.wire import RateLimitError
 from privlora.local import InProcessTransport
 from privlora.server.accounts import AccountLimits, AccountStore
 from privlora.server.fairness import FairLimits, FairQueue
+from privlora.server import http
 from privlora.server.hosting import Hosting
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits
@@ -174,3 +178,67 @@ def test_a_long_evaluation_hands_its_turn_over_at_its_pause_points():
     assert got_in < total // 2  # the victim ran long before the attacker's work ended
     got_in, total = _long_turn_and_a_victim(pauses=False)  # control: no pause points, the victim waits it out
     assert got_in == total
+
+
+@pytest.mark.parametrize("pause", [1.0, 0.0], ids=["paused", "control-no-pause"])
+def test_a_refusal_for_too_many_in_progress_comes_after_its_retry_after(tiny_build, monkeypatch, pause):
+    """A client that retries a 429 at once is held to one refusal per Retry-After: measured, the
+    refusal's delay; control, without the pause it comes at once (and a flood of retries costs
+    the server a connection, a token check and an answer each)."""
+    monkeypatch.setattr(http, "REFUSAL_PAUSE_SECONDS", pause)
+    live = LiveServer(tiny_build.artifact("plain"), fair=FairLimits(requests=1))
+    client = SecureClient(tiny_build.artifact("plain"), HttpTransport(live.url), cache_keys=False)
+    try:
+        stream = connect(f"{live.url.replace('http', 'ws')}/v1/sessions/{client.session}/stream")  # holds the one slot
+        group = next(iter(client.groups.values()))[0]
+        route = f"{live.url}/v1/sessions/{client.session}/rounds/{group.round}/{group.index}/0"
+        start = time.perf_counter()
+        refused = httpx.post(route, content=b"", timeout=30)
+        took = time.perf_counter() - start
+        stream.close()
+    finally:
+        client.close()
+        live.stop()
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert (took >= 0.95) == (pause == 1.0), took
+
+
+def _attacker_units_during_a_victims_turn(quantum: float) -> int:
+    """An attacker that always waits with long units of work (30 ms, a pause point after each) and
+    a victim whose turn is 10 short units (1 ms, a pause point after each): the attacker's units
+    done while the victim's turn lasted."""
+    from privlora.core.turns import pause_point
+
+    queue = FairQueue(FairLimits(workers=1, per_caller=1, quantum_seconds=quantum))
+    done, stop, spans = [0], threading.Event(), []
+
+    def attacker() -> None:
+        while not stop.is_set():
+            with queue.turn("attacker"):
+                for _ in range(20):
+                    time.sleep(0.03)
+                    done[0] += 1
+                    pause_point()
+
+    def victim() -> None:
+        with queue.turn("victim"):
+            start = done[0]
+            for _ in range(10):
+                time.sleep(0.001)
+                pause_point()
+            spans.append(done[0] - start)
+
+    threads = [threading.Thread(target=attacker) for _ in range(2)]  # one always waiting
+    for thread in threads:
+        thread.start()
+    _wait_until(lambda: done[0] >= 3)
+    victim()
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    return spans[0]
+
+
+def test_turns_are_shared_in_time_so_short_work_runs_straight_through():
+    assert _attacker_units_during_a_victims_turn(quantum=0.02) <= 1
+    assert _attacker_units_during_a_victims_turn(quantum=0.0) >= 9  # control: a slice of its work at each pause

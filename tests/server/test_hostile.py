@@ -21,7 +21,7 @@ from privlora.backends import ckks
 from privlora.backends.common import frame, pack, unframe
 from privlora.client.secure import SecureClient
 from privlora.client.generation import GenerationConfig, generate
-from privlora.server.http import JsonLogFormatter
+from privlora.server.logs import JsonLogFormatter
 from privlora.core.wire import SessionError
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits

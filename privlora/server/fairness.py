@@ -1,15 +1,20 @@
 """Fair shares of a server among its callers, so that one account's load costs another a bounded
 factor: each caller (an account; without accounts, a session) holds at most ``per_caller`` of
-the ``workers`` evaluation turns at once, waiting turns are handed out round-robin across
-callers, and a caller has at most ``requests`` requests in progress (being read, waiting or
-evaluated): one more is refused (429) before its body is read, so waiting work is bounded in
-memory too.
+the ``workers`` evaluation turns at once, turns go to the caller that has been served least, and
+a caller has at most ``requests`` requests in progress (being read, waiting or evaluated): one
+more is refused (429) before its body is read, so waiting work is bounded in memory too.
 
 Why turns and not threads: the SEAL bindings hold the GIL, so evaluations in threads share one
 core however many run; what bounds a victim's slowdown is how many of the attacker's
-evaluations run beside its own, and how long it waits for a turn. Turns are shared in time (a
-quantum), not in pause points: a caller whose work pauses often would otherwise wait a whole slice
-of another's long work at each of its own pause points.
+evaluations run beside its own, and how long it waits for a turn.
+
+Served least, in time: each active caller has a virtual time, the seconds of turns it has held
+(start-time fair queuing, as an operating system's fair scheduler does). A long evaluation hands
+its turn over at a pause point (``core/turns.py``) once it is a quantum ahead of a waiting
+caller. A caller that was idle comes back two quanta behind the least-served active one, so a
+caller whose requests come one at a time (a decode step's groups) preempts a caller with a queue
+at its next pause point and runs its short work straight through; it cannot bank more than that
+by staying idle, and a caller that keeps the server busy is served in turn like any other.
 """
 
 from __future__ import annotations
@@ -31,15 +36,12 @@ class FairLimits:
     workers: int = 1  # evaluations at once, all callers together (SEAL holds the GIL: one is what runs)
     per_caller: int = 1  # evaluations at once of one caller
     requests: int = 8  # requests one caller may have in progress; more are refused (429)
-    # A turn is handed over at a pause point only after it has run this long: turns are shared in
-    # time, so that a caller's short evaluations (a decode step's groups) run straight through
-    # while another's long one waits at most this much (plus one unit of work) per handover.
-    quantum_seconds: float = 0.02
+    quantum_seconds: float = 0.01  # how far ahead of a waiting caller a turn runs before it is handed over
 
 
 @dataclass
 class _Held:
-    since: float  # when the turn was granted, or last given back after a pause
+    since: float  # when the turn was granted, or taken back after a pause
 
 
 class FairQueue:
@@ -48,7 +50,8 @@ class FairQueue:
         self._cond = threading.Condition()
         self._in_progress: Counter[str] = Counter()
         self._running: Counter[str] = Counter()
-        self._waiting: OrderedDict[str, deque[int]] = OrderedDict()  # callers in round-robin order
+        self._waiting: OrderedDict[str, deque[int]] = OrderedDict()  # ties go to the caller waiting longest
+        self._served: dict[str, float] = {}  # each active caller's virtual time (seconds of turns held)
         self._tickets = itertools.count()
 
     @contextmanager
@@ -70,19 +73,21 @@ class FairQueue:
 
     @contextmanager
     def turn(self, caller: str) -> Iterator[None]:
-        """Wait for an evaluation turn (the caller's oldest request first, callers in turn), then
-        hold it for the block; at each of the work's pause points (``core/turns.py``) the turn goes
-        to another caller that is waiting, and comes back in its turn."""
+        """Wait for an evaluation turn (the least-served caller first, each caller's oldest request
+        first), then hold it for the block, handing it over at the work's pause points while
+        another caller is owed it."""
         self._wait(caller, next(self._tickets), first=False)
         held = _Held(time.monotonic())
         try:
             with pausing(lambda: self._pause(caller, held)):
                 yield
         finally:
-            self._release(caller)
+            self._release(caller, held)
 
     def _wait(self, caller: str, ticket: int, first: bool) -> None:
         with self._cond:
+            if caller not in self._served:
+                self._place(caller)
             tickets = self._waiting.setdefault(caller, deque())
             if first:
                 tickets.appendleft(ticket)  # a paused request resumes before its caller's later ones
@@ -91,39 +96,49 @@ class FairQueue:
             self._cond.wait_for(lambda: self._next() == (caller, ticket))
             self._grant(caller)
 
-    def _release(self, caller: str) -> None:
+    def _place(self, caller: str) -> None:
+        """A caller becoming active starts two quanta behind the least-served active caller."""
+        active = [served for other, served in self._served.items() if other != caller]
+        self._served[caller] = min(active) - 2 * self.limits.quantum_seconds if active else 0.0
+
+    def _release(self, caller: str, held: _Held, paused: bool = False) -> None:
         with self._cond:
+            self._served[caller] += time.monotonic() - held.since
             self._running[caller] -= 1
             if not self._running[caller]:
                 del self._running[caller]
+                if not paused and caller not in self._waiting:
+                    del self._served[caller]  # idle: it comes back placed afresh
             self._cond.notify_all()
 
     def _pause(self, caller: str, held: _Held) -> None:
-        """Hand the turn over if it has run its quantum and another caller waits for one, and wait
-        for it to come back."""
-        if time.monotonic() - held.since < self.limits.quantum_seconds:
-            return
+        """Hand the turn over if a waiting caller is owed it (this turn is a quantum ahead of it),
+        and wait for it to come back."""
         with self._cond:
-            if not any(other != caller for other in self._waiting):
+            now = self._served[caller] + time.monotonic() - held.since
+            if not any(now - self._served[other] > self.limits.quantum_seconds
+                       for other in self._waiting if other != caller):
                 return
-        self._release(caller)
+        self._release(caller, held, paused=True)
         self._wait(caller, next(self._tickets), first=True)
         held.since = time.monotonic()
 
     def _next(self) -> tuple[str, int] | None:
-        """The caller and ticket whose turn comes next, if a turn is free."""
+        """The caller and ticket whose turn comes next, if a turn is free: the least-served caller
+        below its share of turns."""
         if sum(self._running.values()) >= self.limits.workers:
             return None
-        for caller, tickets in self._waiting.items():  # round-robin: the least recently served first
-            if self._running[caller] < self.limits.per_caller:
-                return caller, tickets[0]
-        return None
+        eligible = [caller for caller in self._waiting if self._running[caller] < self.limits.per_caller]
+        if not eligible:
+            return None
+        caller = min(eligible, key=lambda c: self._served[c])  # min keeps the first of equals: the longest waiting
+        return caller, self._waiting[caller][0]
 
     def _grant(self, caller: str) -> None:
         tickets = self._waiting.pop(caller)
         tickets.popleft()
         if tickets:
-            self._waiting[caller] = tickets  # back of the round-robin order
+            self._waiting[caller] = tickets  # behind the other waiting callers among equals
         self._running[caller] += 1
         self._cond.notify_all()
 

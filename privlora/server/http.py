@@ -25,10 +25,11 @@ query budget used up, 404 unknown or expired session, round or message, 409 a me
 order or replayed, 413 body too large, 429 rate limit or too many requests in progress (with
 ``Retry-After``), 431 headers too large, 503 no room for another session, or shutting down.
 
-Bodies are read with a size limit (413 beyond it). The backend work runs in a worker thread, so
-several sessions are served at once. A bad request gets a 4xx and changes nothing. On SIGTERM
-the server stops taking work, answers what is in flight (HTTP requests and stream frames), then
-exits.
+Bodies are read with a size limit (413 beyond it). ``serve`` runs the backend work in the
+evaluation process (``server/evaluator.py``), called from worker threads, so several sessions
+are served at once and the event loop never waits for an evaluation. A bad request gets a 4xx
+and changes nothing. On SIGTERM the server stops taking work, answers what is in flight (HTTP
+requests and stream frames), then exits.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One account's load costs another a bounded factor: evaluation turns go round-robin across
-callers with a cap per caller, and a caller's requests in progress are capped before their
+"""One account's load costs another a bounded factor: evaluation turns go to the least-served
+caller (in time) with a cap per caller, and a caller's requests in progress are capped before their
 bodies are read. Budgets are keyed by the adapter's content, so two builds of one adapter draw
 on one budget."""
 
@@ -54,10 +54,10 @@ def grant_order(queue: FairQueue, callers: list[str]) -> list[str]:
     return order
 
 
-def test_turns_go_round_robin_across_callers():
+def test_the_least_served_caller_goes_next():
     queue = FairQueue(FairLimits(workers=1, per_caller=1))
     order = grant_order(queue, ["attacker"] * 5 + ["victim"])
-    assert order.index("victim") == 2  # after the turn in progress and the attacker's next one
+    assert order.index("victim") == 1  # right after the turn in progress, before the attacker's queue
 
 
 def test_control_without_callers_told_apart_the_victim_waits_for_everything():
@@ -203,13 +203,33 @@ def test_a_refusal_for_too_many_in_progress_comes_after_its_retry_after(tiny_bui
     assert (took >= 0.95) == (pause == 1.0), took
 
 
-def _attacker_units_during_a_victims_turn(quantum: float) -> int:
+class SlicedByPausePoints(FairQueue):
+    """The control: turns round-robin across callers and handed over at every pause point while
+    another caller waits, whatever either has been served (the queue before virtual time)."""
+
+    def _next(self):
+        if sum(self._running.values()) >= self.limits.workers:
+            return None
+        for caller, tickets in self._waiting.items():
+            if self._running[caller] < self.limits.per_caller:
+                return caller, tickets[0]
+        return None
+
+    def _pause(self, caller, held):
+        with self._cond:
+            if not any(other != caller for other in self._waiting):
+                return
+        self._release(caller, held, paused=True)
+        self._wait(caller, next(self._tickets), first=True)
+        held.since = time.monotonic()
+
+
+def _attacker_units_during_a_victims_turn(queue: FairQueue) -> int:
     """An attacker that always waits with long units of work (30 ms, a pause point after each) and
     a victim whose turn is 10 short units (1 ms, a pause point after each): the attacker's units
     done while the victim's turn lasted."""
     from privlora.core.turns import pause_point
 
-    queue = FairQueue(FairLimits(workers=1, per_caller=1, quantum_seconds=quantum))
     done, stop, spans = [0], threading.Event(), []
 
     def attacker() -> None:
@@ -240,5 +260,5 @@ def _attacker_units_during_a_victims_turn(quantum: float) -> int:
 
 
 def test_turns_are_shared_in_time_so_short_work_runs_straight_through():
-    assert _attacker_units_during_a_victims_turn(quantum=0.02) <= 1
-    assert _attacker_units_during_a_victims_turn(quantum=0.0) >= 9  # control: a slice of its work at each pause
+    assert _attacker_units_during_a_victims_turn(FairQueue()) <= 1
+    assert _attacker_units_during_a_victims_turn(SlicedByPausePoints()) >= 9  # control: a slice of its work at each pause

@@ -399,8 +399,10 @@ class Server:
         return encoded
 
     def _encode_row(self, polys: np.ndarray) -> list[sealapi.Plaintext | None]:
-        row = [self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None for poly in polys]
-        pause_point()  # a large shape's encoding is long: another caller may take the turn here
+        row = []
+        for poly in polys:
+            row.append(self._ntt(seal.plaintext(self.ctx, poly)) if poly.any() else None)
+            pause_point()  # a large shape's encoding is long: another caller may take the turn here
         return row
 
     def _ntt(self, plain: sealapi.Plaintext) -> sealapi.Plaintext:
@@ -426,6 +428,7 @@ class Server:
                         total = part
                     else:
                         self.evaluator.add_inplace(total, part)
+                    pause_point()
                 if total is None:  # an all-zero block of outputs: an encryption of zero stands for it
                     total = sealapi.Ciphertext()
                     session.zeros.encryptor.encrypt_zero(self.first, total)

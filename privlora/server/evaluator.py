@@ -37,6 +37,7 @@ from privlora.server.accounts import Account, AccountStore
 from privlora.server.fairness import FairLimits
 from privlora.server.hosting import Hosting, HostingBase
 from privlora.server.logs import configure_logging
+from privlora.server.memory import release_large_buffers
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits
 
@@ -160,6 +161,7 @@ def _evaluation_process(channels: list[Connection], hosted: Hosted) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(hosted.log_level)
+    release_large_buffers()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)  # a channel's reader gets the GIL back sooner between SEAL calls
     try:
         store = AccountStore(hosted.accounts) if hosted.accounts is not None else None

@@ -60,6 +60,7 @@ from privlora.server.fingerprints import CLONE_ROWS, RECOMMENDED_STRENGTH, TOKEN
 from privlora.server.evaluator import Hosted, HostingProcess
 from privlora.server.hosting import Hosting, HostingBase
 from privlora.server.logs import configure_logging
+from privlora.server.memory import release_large_buffers
 from privlora.server.metrics import CONTENT_TYPE, STREAM_ROUTE, Metrics
 from privlora.server.private import PrivateServer
 from privlora.server.sessions import SessionLimits
@@ -388,6 +389,7 @@ def serve(hosted: dict[str, str], listener: socket.socket, log_level: str = "inf
     """Serve each artifact of ``hosted`` (by the name it is served under) on ``listener``, a socket
     bound by the caller before anything slow, so that a port in use is said at once and in one line."""
     configure_logging(log_level)
+    release_large_buffers()
     store = AccountStore(accounts) if accounts is not None else None
     hosting = HostingProcess(Hosted(hosted, limits, str(accounts) if accounts is not None else None, log_level), store)
     if store is None:

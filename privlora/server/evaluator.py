@@ -188,31 +188,32 @@ def _answer_failure(channel: Connection, exc: Exception) -> None:
 
 
 def _answer_calls(hosting: Hosting, channel: Connection) -> None:
-    """Answer one channel's calls, one at a time, until the front closes it."""
+    """Answer one channel's calls, one at a time, until the front closes it. Nothing of a call
+    outlives its answer: a thread that kept its last request (or an exception whose traceback
+    holds it) would keep one body per channel resident."""
     while True:
         try:
-            method, args = channel.recv()
+            channel.send(_answer(hosting, *channel.recv()))
         except (EOFError, OSError):
             return
-        try:
-            if method == "ready":
-                reply = (True, Ready(hosting.adapter_keys, hosting.models()["data"]))
-            elif method in CALLS:
-                reply = (True, getattr(hosting, method)(*args))
-            else:
-                raise EvaluationProcessError(f"no call {method!r} in the evaluation process")
-        except Exception as exc:
-            reply = (False, _sendable(exc))
-        try:
-            channel.send(reply)
-        except OSError:
-            return
+
+
+def _answer(hosting: Hosting, method: str, args: tuple) -> tuple[bool, Any]:
+    try:
+        if method == "ready":
+            return True, Ready(hosting.adapter_keys, hosting.models()["data"])
+        if method in CALLS:
+            return True, getattr(hosting, method)(*args)
+        raise EvaluationProcessError(f"no call {method!r} in the evaluation process")
+    except Exception as exc:
+        return False, _sendable(exc)
 
 
 def _sendable(exc: Exception) -> Exception:
-    """``exc`` if it crosses the pipe intact, else a PrivloraError with its words."""
+    """``exc`` if it crosses the pipe intact (without its traceback, which holds the request),
+    else a PrivloraError with its words."""
     try:
         pickle.loads(pickle.dumps(exc))
-        return exc
+        return exc.with_traceback(None)
     except Exception:
         return PrivloraError(f"{type(exc).__name__}: {exc}")

@@ -17,15 +17,20 @@ import numpy as np
 import pytest
 
 from support.live import LiveServer, plaintext_tokens
+from privlora.backends.bfv import _HEADER
+from privlora.backends.bfv_layout import message_layout
+from privlora.backends.common import frame, unframe
 from privlora.client.generation import GenerationConfig, generate
 from privlora.client.secure import SecureClient
 from privlora.client.transports import HttpTransport
-from privlora.tools.loadtest import ServerProcess, free_port, process_tree
+from privlora.server.evaluator import CHANNELS
+from privlora.tools.loadtest import ServerProcess, free_port, process_tree, rss_bytes
 
 PROMPT = [5, 6, 7]
 CONFIG = GenerationConfig(max_new_tokens=3)
 HEAVY_ROWS = 2000
 HEAVY_REQUESTS = 12
+ROWS = 16384  # a refused message 1's declared rows (its body: several MB on the tiny model)
 
 
 @pytest.fixture
@@ -144,3 +149,26 @@ def test_an_artifact_that_fails_to_load_is_one_line(tiny_build, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("privlora: error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "server/program.safetensors is corrupted or was replaced" in errors[0]
+
+
+def test_refused_large_messages_leave_nothing_resident_in_the_evaluation_process(tiny_build, server):
+    """Message 1s of an exchange that never began (409), large bodies reaching the evaluation
+    process on each of its channels in turn, twice round: what stays resident is far less than a
+    body per channel (a channel thread that held its last call, or the traceback of its refusal,
+    kept one; so did glibc's per-thread heaps, the largest each had seen)."""
+    client = SecureClient(tiny_build.artifact("bfv"), HttpTransport(server.url), cache_keys=False)
+    group = next(iter(client.groups.values()))[0]
+    template = unframe(client.crypto.encrypt(group, np.zeros((1, group.d_in)))[0])[1]
+    count = message_layout(group, 1, ROWS, client.crypto.bfv.poly_modulus_degree).input_ciphertexts
+    forged = frame([_HEADER.pack(ROWS, 99), *[template] * count])
+    route = f"{server.url}/v1/sessions/{client.session}/rounds/{group.round}/{group.index}/1"
+    evaluation = evaluation_process(server)
+    with httpx.Client(timeout=120) as http:
+        before = rss_bytes(evaluation)
+        statuses = {http.post(route, content=forged).status_code for _ in range(2 * CHANNELS)}
+    grown = rss_bytes(evaluation) - before
+    client.close()
+    print(f"\n{2 * CHANNELS} refused bodies of {len(forged) / 1e6:.1f} MB: evaluation process grew "
+          f"{grown / 1e6:.1f} MB")
+    assert statuses == {409}
+    assert grown < CHANNELS * len(forged) / 3, grown

@@ -39,11 +39,11 @@ import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -292,7 +292,7 @@ async def _serve_stream(socket: WebSocket, answer: Any, drain: Drain, metrics: M
 
 def refusal_headers(status: int) -> dict[str, str] | None:
     if status in (429, 503):
-        return {"retry-after": "1"}
+        return {"retry-after": f"{REFUSAL_PAUSE_SECONDS:g}"}
     if status == 401:
         return {"www-authenticate": "Bearer"}
     return None
@@ -310,7 +310,7 @@ async def _with_heartbeats(socket: WebSocket, work: Any) -> tuple[int, bytes]:
         await socket.send_bytes(stream_reply(HEARTBEAT, b""))
 
 
-async def answer_frame(hosting: Hosting, authorization: str | None, session: str, frame: bytes) -> tuple[int, bytes]:
+async def answer_frame(hosting: HostingBase, authorization: str | None, session: str, frame: bytes) -> tuple[int, bytes]:
     """A stream frame's status and reply: the evaluation, or the refusal the HTTP route would give
     (the token is checked again, so that a revocation cuts an open stream)."""
     try:
